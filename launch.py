@@ -1,0 +1,27 @@
+"""vlm_sweep entry point: compose a run from config groups and fine-tune.
+
+    python launch.py                                  # tiny Gemma 3 + LoRA demo on CPU
+    python launch.py model=gemma3 peft=lora           # google/gemma-3-4b-it on your GPU
+    python launch.py -m optimizer.lr=1e-5,2e-5 peft=lora,none
+    python launch.py --cfg job                        # print the composed config (fast)
+
+Kept thin (and free of torch imports at module level) so `--cfg job` is fast.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from vlm_sweep.config.schema import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from vlm_sweep.cli import run_job
+
+    return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()

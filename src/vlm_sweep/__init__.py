@@ -1,0 +1,1 @@
+"""vlm_sweep: Hydra experiment suite for fine-tuning vision-language models."""

@@ -1,0 +1,201 @@
+"""Typed schemas for every config group.
+
+Hydra merges each group's YAML into these dataclasses, so a misspelled key or a
+wrong type fails at composition time. Value checks (ranges, choices, cross-field
+rules) live in ``validate.py`` and run before any model is loaded.
+
+This module must stay free of torch/transformers/mlflow imports: ``launch.py
+--cfg job`` imports it and has to be fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class PathsConfig:
+    """Where run products and local artefacts live."""
+
+    # Root for run products and the embedded MLflow store (relative to the launch dir).
+    output_root: str = "outputs"
+    # Tiny models and generated data sets are built here once and reused.
+    cache_dir: str = "${oc.env:VLM_SWEEP_CACHE,${oc.env:HOME,/tmp}/.cache/vlm_sweep}"
+
+
+@dataclass
+class ModelConfig:
+    """A model is a registry family plus where its weights come from."""
+
+    name: str = MISSING
+    # Key into vlm_sweep.models.registry.MODEL_FAMILIES.
+    family: str = MISSING
+    # Hub id (google/gemma-3-4b-it) or a local directory.
+    pretrained_model_name_or_path: str = MISSING
+    # If set, the local directory above is built once by this tiny recipe
+    # (vlm_sweep.models.tiny) before loading it through from_pretrained.
+    tiny_recipe: Optional[str] = None
+    revision: Optional[str] = None
+    # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"
+    # eager | sdpa | flash_attention_2 | null (transformers default)
+    attn_implementation: Optional[str] = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    """A data set: where it is, how a record becomes a conversation, and budgets."""
+
+    name: str = MISSING
+    # Key into vlm_sweep.data.formats.RECORD_FORMATS (cord_v2, ...).
+    format: str = MISSING
+    # Hub id (naver-clova-ix/cord-v2) or a local directory in the same schema.
+    path: str = MISSING
+    subset: Optional[str] = None
+    train_split: str = "train"
+    val_split: Optional[str] = "validation"
+    test_split: Optional[str] = "test"
+    # The split that evaluation CLIs use by default.
+    split: str = "test"
+    prompt: str = "Describe this image."
+    # If set, the local directory `path` is generated once by this generator.
+    synthetic: Optional[Dict[str, Any]] = None
+    # Token budget per sample; longer samples are bad records (never cut mid-image).
+    max_length: int = 2048
+    # error: stop on the first bad record (naming it). skip: drop it and count.
+    on_bad_record: str = "error"
+    max_train_samples: Optional[int] = None
+    max_val_samples: Optional[int] = None
+    # Sort samples of similar length into the same batch to cut padding.
+    group_by_length: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class PeftConfig:
+    """LoRA (via the peft library) or none."""
+
+    method: str = "none"  # none | lora
+    dim: int = 8
+    alpha: int = 32
+    dropout: float = 0.0
+    # True: every nn.Linear is a candidate. False: the language model's linears.
+    match_all_linear: bool = False
+    # Glob patterns over full module names; empty means "all candidates".
+    target_modules: List[str] = field(default_factory=list)
+    exclude_modules: List[str] = field(default_factory=list)
+
+
+@dataclass
+class FreezeConfig:
+    """Which components' base weights are frozen.
+
+    null means the method's default: trainable for full fine-tuning, frozen
+    under LoRA. false under LoRA trains that component's base weights fully
+    (the Nemotron guide's "LoRA on the LM, vision fully trained" setting).
+    """
+
+    freeze_embeddings: Optional[bool] = None
+    freeze_vision_tower: Optional[bool] = None
+    freeze_audio_tower: Optional[bool] = None
+    freeze_vision_projection: Optional[bool] = None
+    freeze_language_model: Optional[bool] = None
+
+
+@dataclass
+class ParallelConfig:
+    """Data-parallel strategy; processes come from torchrun/SLURM."""
+
+    strategy: str = "single"  # single | ddp | fsdp
+    # auto: bf16 on a bf16-capable GPU, fp32 on CPU. Or: no | bf16 | fp16.
+    mixed_precision: str = "auto"
+    backend: Optional[str] = None  # null: nccl on GPU, gloo on CPU
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    # Relative to the run directory unless absolute.
+    dir: str = "checkpoints"
+    model_save_format: str = "safetensors"  # safetensors | torch_save
+    save_consolidated: bool = False
+    keep_last: int = 2
+    # auto: continue from <dir>/LATEST if present. none: start fresh. Or a path.
+    resume: str = "auto"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # Gradient clipping by global norm; null disables it.
+    max_grad_norm: Optional[float] = 1.0
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    # Cosine decays from optimizer.lr to min_lr.
+    min_lr: float = 0.0
+
+
+@dataclass
+class StepSchedulerConfig:
+    max_steps: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    log_every_steps: int = 1
+    val_every_steps: int = 50
+    ckpt_every_steps: int = 100
+    # Validation batches per evaluation; null runs the whole split.
+    max_val_batches: Optional[int] = None
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "mlflow"  # mlflow | none
+    # null: $MLFLOW_TRACKING_URI, else sqlite:///<outputs>/mlflow.db
+    uri: Optional[str] = None
+    experiment_name: str = "${experiment_name}"
+    run_name: Optional[str] = None
+    # Metrics are buffered and sent in one batch this often (in steps).
+    flush_every_steps: int = 10
+    tags: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """The whole composed run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    step_scheduler: StepSchedulerConfig = field(default_factory=StepSchedulerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    experiment_name: str = "default"
+    seed: int = 42
+
+
+def register_configs() -> None:
+    """Put the run schema in Hydra's ConfigStore as ``run_schema`` (idempotent).
+
+    conf/config.yaml lists it first in its defaults, so every group option file
+    merges into a typed node: unknown keys and wrong types fail at composition.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

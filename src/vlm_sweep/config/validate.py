@@ -1,0 +1,112 @@
+"""Value checks that types alone cannot express, run before anything heavy loads.
+
+Every failure is one line naming the offending key, e.g.
+``config error: optimizer.lr must be > 0 (got -1e-05)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value is impossible; the message names the key."""
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config error: {key} {rule} (got {value!r})")
+
+
+def _choice(cfg: DictConfig, key: str, choices: Iterable[Any]) -> None:
+    choices = list(choices)
+    value = OmegaConf.select(cfg, key)
+    _check(value in choices, key, f"must be one of {choices}", value)
+
+
+def _where(cfg: DictConfig, key: str, pred: Callable[[Any], bool], rule: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    _check(value is not None and pred(value), key, rule, value)
+
+
+def world_size() -> int:
+    """Processes in this job, from torchrun or SLURM, without importing torch."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first impossible value. Resolves interpolations."""
+    from vlm_sweep.data.formats import RECORD_FORMATS
+    from vlm_sweep.models.registry import MODEL_FAMILIES
+
+    try:
+        OmegaConf.resolve(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
+    except Exception as err:  # interpolation errors name the key themselves
+        raise ConfigError(f"config error: {str(err).splitlines()[0]}") from None
+
+    positive = (lambda v: v > 0, "must be > 0")
+    non_negative = (lambda v: v >= 0, "must be >= 0")
+
+    _choice(cfg, "model.family", sorted(MODEL_FAMILIES))
+    _choice(cfg, "model.dtype", ["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"])
+    _choice(cfg, "model.attn_implementation",
+            [None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"])
+
+    _choice(cfg, "dataset.format", sorted(RECORD_FORMATS))
+    _choice(cfg, "dataset.on_bad_record", ["error", "skip"])
+    _where(cfg, "dataset.max_length", *positive)
+    _where(cfg, "dataset.num_workers", *non_negative)
+    for key in ("dataset.max_train_samples", "dataset.max_val_samples"):
+        if OmegaConf.select(cfg, key) is not None:
+            _where(cfg, key, *positive)
+
+    _choice(cfg, "peft.method", ["none", "lora"])
+    _where(cfg, "peft.dim", *positive)
+    _where(cfg, "peft.alpha", *positive)
+    _where(cfg, "peft.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+    _choice(cfg, "parallel.strategy", ["single", "ddp", "fsdp"])
+    _choice(cfg, "parallel.mixed_precision", ["auto", "no", "bf16", "fp16"])
+    _choice(cfg, "parallel.backend", [None, "gloo", "nccl"])
+    processes = world_size()
+    if cfg.parallel.strategy == "single":
+        _check(processes == 1, "parallel.strategy",
+               f"is 'single' but {processes} processes were launched; use parallel=ddp or parallel=fsdp",
+               cfg.parallel.strategy)
+
+    _choice(cfg, "checkpoint.model_save_format", ["safetensors", "torch_save"])
+    _where(cfg, "checkpoint.keep_last", lambda v: v >= 1, "must be >= 1")
+
+    _choice(cfg, "optimizer.name", ["adamw"])
+    _where(cfg, "optimizer.lr", *positive)
+    _where(cfg, "optimizer.weight_decay", *non_negative)
+    _where(cfg, "optimizer.eps", *positive)
+    _where(cfg, "optimizer.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+           "must be two numbers in [0, 1)")
+    if cfg.optimizer.max_grad_norm is not None:
+        _where(cfg, "optimizer.max_grad_norm", *positive)
+
+    _choice(cfg, "scheduler.name", ["cosine", "constant"])
+    _where(cfg, "scheduler.warmup_steps", *non_negative)
+    _where(cfg, "scheduler.min_lr", lambda v: 0 <= v <= cfg.optimizer.lr, "must be in [0, optimizer.lr]")
+
+    steps = cfg.step_scheduler
+    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every_steps",
+                "val_every_steps", "ckpt_every_steps"):
+        _where(cfg, f"step_scheduler.{key}", *positive)
+    if steps.max_val_batches is not None:
+        _where(cfg, "step_scheduler.max_val_batches", *positive)
+    per_step = steps.micro_batch_size * processes
+    _check(steps.global_batch_size % per_step == 0, "step_scheduler.global_batch_size",
+           f"must be divisible by micro_batch_size x processes = {steps.micro_batch_size} x {processes}",
+           steps.global_batch_size)
+
+    _choice(cfg, "tracking.backend", ["mlflow", "none"])
+    _where(cfg, "tracking.flush_every_steps", *positive)
+    _where(cfg, "seed", *non_negative)

@@ -1,0 +1,113 @@
+"""Load a model and its processor the way a hub model is loaded.
+
+A tiny model is first built once into a local directory (like a download), then
+loaded through the very same ``from_pretrained`` calls as ``google/gemma-3-4b-it``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Tuple
+
+from vlm_sweep.hub import hub_offline, hub_reachable
+from vlm_sweep.models.registry import get_family
+
+
+class ModelLoadError(RuntimeError):
+    """A model or processor could not be loaded; the message says what to do."""
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def resolve_source(model_cfg: Any) -> str:
+    """Return the directory or hub id to load, building a tiny model first if configured."""
+    source = str(model_cfg.pretrained_model_name_or_path)
+    if model_cfg.tiny_recipe:
+        from vlm_sweep.models.tiny import build_tiny_model
+
+        build_tiny_model(model_cfg.tiny_recipe, source)
+    return source
+
+
+def preflight_hub_access(source: str, revision: str | None = None) -> None:
+    """Fail fast, in one clear line, when a hub model is neither cached nor reachable.
+
+    Without this, transformers retries for ~25 s and ends in a long traceback.
+    """
+    if Path(source).exists():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return
+    offline = hub_offline()
+    if offline or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is not reachable"
+        raise ModelLoadError(
+            f"model {source!r} is not in the local cache and {why}. Download it first on a machine "
+            f"with network (huggingface-cli download {source}; gated models need HF_TOKEN), point "
+            f"HF_HOME at that cache, or use a local directory / a tiny model "
+            f"(model=tiny_gemma3, model=tiny_qwen2_5_vl)."
+        )
+
+
+def torch_dtype(name: str) -> Any:
+    """Map a config dtype string to a torch dtype ("auto" stays "auto")."""
+    import torch
+
+    if name == "auto":
+        return "auto"
+    return getattr(torch, _DTYPES[name])
+
+
+def load_processor(source: str, model_cfg: Any) -> Any:
+    """AutoProcessor, asserting the family's real processor class came back."""
+    from transformers import AutoProcessor
+
+    family = get_family(model_cfg.family)
+    processor = AutoProcessor.from_pretrained(
+        source,
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+        **family.processor_kwargs,
+    )
+    if type(processor).__name__ != family.processor_class:
+        raise ModelLoadError(
+            f"AutoProcessor for {source!r} returned {type(processor).__name__}, expected "
+            f"{family.processor_class} (model.family={model_cfg.family}); the processor "
+            f"files (preprocessor_config.json, processor_config.json) are missing or broken."
+        )
+    return processor
+
+
+def load_model(source: str, model_cfg: Any) -> Any:
+    """The model through the family's Auto class, with dtype and attention from config."""
+    import transformers
+
+    family = get_family(model_cfg.family)
+    auto_cls = getattr(transformers, family.auto_model_class)
+    kwargs = {}
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    return auto_cls.from_pretrained(
+        source,
+        revision=model_cfg.revision,
+        dtype=torch_dtype(model_cfg.dtype),
+        trust_remote_code=model_cfg.trust_remote_code,
+        **kwargs,
+    )
+
+
+def load_model_and_processor(model_cfg: Any) -> Tuple[Any, Any]:
+    """Resolve, preflight, then load processor and model."""
+    source = resolve_source(model_cfg)
+    preflight_hub_access(source, model_cfg.revision)
+    try:
+        processor = load_processor(source, model_cfg)
+        model = load_model(source, model_cfg)
+    except OSError as err:  # transformers reports missing files/repos as OSError
+        raise ModelLoadError(f"could not load model {source!r}: {str(err).splitlines()[0]}") from err
+    return model, processor

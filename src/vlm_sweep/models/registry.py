@@ -1,0 +1,92 @@
+"""Model-family knowledge, as data, in one place.
+
+Freezing, LoRA targeting and loading read this table; nothing else in the
+package branches on the model family. Component paths are dotted module paths
+as they appear in the transformers model (a PEFT wrapper's prefix is allowed in
+front). A name belongs to the FIRST component in ``COMPONENT_ORDER`` whose path
+it is under, so a projector nested inside the vision tower (Qwen's
+``model.visual.merger``) is classified as the projector.
+
+Pure data: importing this module must not import torch or transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Tuple
+
+# Most specific first: embeddings and lm_head sit inside/next to the LM,
+# projectors inside/next to the vision tower.
+COMPONENT_ORDER: Tuple[str, ...] = (
+    "embeddings",
+    "lm_head",
+    "vision_projection",
+    "vision_tower",
+    "audio_tower",
+    "language_model",
+)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How one family of VLMs is loaded and where its parts live."""
+
+    # transformers Auto class used to load the model.
+    auto_model_class: str
+    # The processor class AutoProcessor must return (it silently falls back
+    # to a bare tokenizer when it cannot build one).
+    processor_class: str
+    # component -> dotted module paths (see COMPONENT_ORDER).
+    components: Dict[str, Tuple[str, ...]]
+    # Extra keyword arguments for AutoProcessor.from_pretrained.
+    processor_kwargs: Dict[str, object] = field(default_factory=dict)
+    supports_video: bool = False
+
+
+MODEL_FAMILIES: Dict[str, ModelFamily] = {
+    "gemma3": ModelFamily(
+        auto_model_class="AutoModelForImageTextToText",
+        processor_class="Gemma3Processor",
+        components={
+            "embeddings": ("model.language_model.embed_tokens",),
+            "lm_head": ("lm_head",),
+            "vision_projection": ("model.multi_modal_projector",),
+            "vision_tower": ("model.vision_tower",),
+            "audio_tower": (),
+            "language_model": ("model.language_model",),
+        },
+    ),
+    "qwen2_5_vl": ModelFamily(
+        auto_model_class="AutoModelForImageTextToText",
+        processor_class="Qwen2_5_VLProcessor",
+        components={
+            "embeddings": ("model.language_model.embed_tokens",),
+            "lm_head": ("lm_head",),
+            "vision_projection": ("model.visual.merger",),
+            "vision_tower": ("model.visual",),
+            "audio_tower": (),
+            "language_model": ("model.language_model",),
+        },
+        supports_video=True,
+    ),
+}
+
+
+def get_family(name: str) -> ModelFamily:
+    """Look a family up, failing with the list of known ones."""
+    try:
+        return MODEL_FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"unknown model family {name!r}; known: {sorted(MODEL_FAMILIES)}") from None
+
+
+def _under(name: str, path: str) -> bool:
+    return f".{path}." in f".{name}."
+
+
+def component_of(family: ModelFamily, name: str) -> str | None:
+    """The component a module or parameter name belongs to (None if none)."""
+    for component in COMPONENT_ORDER:
+        if any(_under(name, path) for path in family.components.get(component, ())):
+            return component
+    return None

@@ -1,0 +1,146 @@
+"""Experiment tracking: MLflow (embedded SQLite store by default) or nothing.
+
+Metrics are buffered and sent with ``log_batch`` (one call per flush, not one per
+value). Params are the flattened composed config with secrets redacted. Only
+rank 0 creates a tracker; the others get ``NullTracker``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+log = logging.getLogger(__name__)
+
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|private[_-]?key)", re.I)
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD",
+                   "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "AZURE_STORAGE_ACCESS_KEY")
+REDACTED = "***REDACTED***"
+
+
+def _secret_values() -> List[str]:
+    values = [os.environ.get(v, "") for v in SECRET_ENV_VARS]
+    values += [v for k, v in os.environ.items() if SECRET_KEY.search(k)]
+    return [v for v in values if len(v) >= 6]
+
+
+def redact(obj: Any, _secrets: Optional[List[str]] = None) -> Any:
+    """Copy of a nested dict/list with secret-looking keys and known secret values masked."""
+    secrets = _secret_values() if _secrets is None else _secrets
+    if isinstance(obj, dict):
+        return {k: (REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v, secrets))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v, secrets) for v in obj]
+    if isinstance(obj, str):
+        for secret in secrets:
+            obj = obj.replace(secret, REDACTED)
+    return obj
+
+
+def flatten(obj: Any, prefix: str = "") -> Dict[str, str]:
+    """{"optimizer.lr": "0.0005", ...} from a nested dict."""
+    out: Dict[str, str] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = str(obj)
+    return out
+
+
+def default_tracking_uri(output_root: str) -> str:
+    """$MLFLOW_TRACKING_URI, else an SQLite store under outputs/ (MLflow 3 refuses new ./mlruns)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    path = Path(output_root).resolve() / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+class NullTracker:
+    """Tracking turned off (or a non-zero rank): every call is a no-op."""
+
+    run_id: Optional[str] = None
+    uri: Optional[str] = None
+
+    def log_params(self, params: Dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str) -> None: ...
+    def flush(self) -> None: ...
+    def finish(self, status: str) -> None: ...
+
+
+class MlflowTracker(NullTracker):
+    """One MLflow run; metrics buffered and flushed in batches."""
+
+    def __init__(self, tracking_cfg: Any, output_root: str, run_id: Optional[str] = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_cfg.uri or default_tracking_uri(output_root)
+        self.client = MlflowClient(self.uri)
+        self.flush_every = tracking_cfg.flush_every_steps
+        self._buffer: List[Any] = []
+        self._since_flush = 0
+        if run_id is None:
+            experiment_id = self._experiment_id(tracking_cfg.experiment_name)
+            tags = {str(k): str(v) for k, v in tracking_cfg.tags.items()}
+            run = self.client.create_run(experiment_id, run_name=tracking_cfg.run_name, tags=tags)
+            run_id = run.info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    def _experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # created concurrently by another job
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def log_params(self, params: Dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in redact(params).items()]
+        for i in range(0, len(items), 100):  # MLflow's per-request limit
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._since_flush += 1
+        if self._since_flush >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._buffer), 1000):
+            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
+        self._buffer, self._since_flush = [], 0
+
+    def log_artifact(self, path: str) -> None:
+        self.client.log_artifact(self.run_id, path)
+
+    def finish(self, status: str) -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def make_tracker(tracking_cfg: Any, output_root: str, is_main: bool,
+                 run_id: Optional[str] = None) -> NullTracker:
+    """The configured tracker on rank 0, a NullTracker elsewhere or when tracking=none."""
+    if not is_main or tracking_cfg.backend == "none":
+        return NullTracker()
+    return MlflowTracker(tracking_cfg, output_root, run_id=run_id)

@@ -1,0 +1,174 @@
+"""The fine-tuning recipe: wires YAML-free components into a run.
+
+config -> model/processor -> data + collate -> peft/freeze -> trainer ->
+checkpoint/tracking. Each step is a call into a module that knows nothing
+about Hydra; this file is the only place that knows the whole order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    status: str
+    step: int
+    final_loss: Optional[float]
+    first_loss: Optional[float]
+    val_loss: Optional[float]
+    checkpoint: Optional[str]
+    mlflow_run_id: Optional[str]
+    mlflow_uri: Optional[str]
+    run_dir: str
+
+
+def resolved_config(cfg: DictConfig) -> Dict[str, Any]:
+    """The composed config as plain, resolved, secret-free data."""
+    from vlm_sweep.tracking import redact
+
+    return redact(OmegaConf.to_container(cfg, resolve=True))
+
+
+def _make_accelerator(parallel_cfg: Any) -> Any:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    precision = parallel_cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    handlers = []
+    if parallel_cfg.backend:
+        handlers.append(InitProcessGroupKwargs(backend=parallel_cfg.backend))
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=handlers)
+
+
+def _loaders(cfg: DictConfig, datasets: Dict[str, Any], collator: Any, accelerator: Any):
+    from torch.utils.data import DataLoader
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from vlm_sweep.data.sampler import ShardedIndexSampler
+
+    train = datasets["train"]
+    lengths = train.length_hints() if cfg.dataset.group_by_length else None
+    sampler = ShardedIndexSampler(
+        len(train), rank=accelerator.process_index, world_size=accelerator.num_processes,
+        seed=cfg.seed, lengths=lengths, batch_size=cfg.step_scheduler.micro_batch_size)
+    train_loader = StatefulDataLoader(
+        train, batch_size=cfg.step_scheduler.micro_batch_size, sampler=sampler,
+        collate_fn=collator, num_workers=cfg.dataset.num_workers)
+    val_loader = None
+    if "validation" in datasets:
+        val = datasets["validation"]
+        shard = list(range(accelerator.process_index, len(val), accelerator.num_processes))
+        val_loader = DataLoader(val, batch_size=cfg.step_scheduler.micro_batch_size, sampler=shard,
+                                collate_fn=collator, num_workers=cfg.dataset.num_workers)
+    return train_loader, val_loader
+
+
+def run(cfg: DictConfig, run_dir: Path) -> RunResult:
+    """Train the configured run inside ``run_dir``; resumes from its checkpoints if present."""
+    from accelerate.utils import set_seed
+
+    from vlm_sweep.data.collate import VLMCollator
+    from vlm_sweep.data.datasets import build_datasets
+    from vlm_sweep.models.load import load_model_and_processor
+    from vlm_sweep.models.registry import get_family
+    from vlm_sweep.tracking import make_tracker
+    from vlm_sweep.training import checkpoint as ckpt
+    from vlm_sweep.training.freeze import apply_freeze, trainable_by_component
+    from vlm_sweep.training.lora import apply_lora
+    from vlm_sweep.training.optim import build_optimizer, build_scheduler
+    from vlm_sweep.training.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = _make_accelerator(cfg.parallel)
+    set_seed(cfg.seed)
+    family = get_family(cfg.model.family)
+
+    model, processor = load_model_and_processor(cfg.model)
+    if cfg.peft.method == "lora":
+        model = apply_lora(model, family, cfg.peft)
+    counts = apply_freeze(model, family, cfg.freeze)
+    if counts["trainable_params"] == 0:
+        raise ValueError("config error: freeze/peft leave no trainable parameter")
+    log.info("trainable %s / total %s parameters (%.2f%%); by component: %s",
+             f"{counts['trainable_params']:,}", f"{counts['total_params']:,}",
+             100 * counts["trainable_params"] / counts["total_params"],
+             trainable_by_component(model, family))
+
+    datasets = build_datasets(cfg.dataset)
+    collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record)
+    train_loader, val_loader = _loaders(cfg, datasets, collator, accelerator)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.step_scheduler.max_steps, cfg.optimizer.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    checkpoint_root = Path(cfg.checkpoint.dir)
+    if not checkpoint_root.is_absolute():
+        checkpoint_root = run_dir / checkpoint_root
+    resume_from = ckpt.resolve_resume(cfg.checkpoint, checkpoint_root)
+
+    tracking_file = run_dir / "tracking.json"
+    previous_run = json.loads(tracking_file.read_text())["run_id"] if (
+        resume_from and tracking_file.exists()) else None
+    tracker = make_tracker(cfg.tracking, cfg.paths.output_root, accelerator.is_main_process,
+                           run_id=previous_run)
+    config_data = resolved_config(cfg)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.create(config_data))
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(config_yaml)
+        if tracker.run_id:
+            tracking_file.write_text(json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}))
+            if previous_run is None:
+                from vlm_sweep.tracking import flatten
+
+                tracker.log_params({**flatten(config_data), **counts})
+                tracker.log_artifact(str(run_dir / "config.yaml"))
+
+    last_saved: Dict[str, Optional[Path]] = {"path": None}
+
+    def save(trainer: Trainer) -> None:
+        if not cfg.checkpoint.enabled:
+            return
+        last_saved["path"] = ckpt.save_checkpoint(
+            checkpoint_root, trainer.step, accelerator=accelerator, model=trainer.model,
+            processor=processor, optimizer=optimizer, scheduler=scheduler,
+            dataloader=train_loader, trainer_state=trainer.trainer_state(),
+            config_yaml=config_yaml, checkpoint_cfg=cfg.checkpoint)
+
+    trainer = Trainer(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer,
+                      scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
+                      tracker=tracker, run_dir=run_dir, save_fn=save)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, accelerator=accelerator, model=model,
+                                     optimizer=optimizer, scheduler=scheduler, dataloader=train_loader)
+        trainer.load_trainer_state(state)
+        last_saved["path"] = resume_from
+        log.info("resumed from %s at step %d", resume_from, trainer.step)
+
+    status = "FAILED"
+    try:
+        status = trainer.fit()
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+    history = trainer.history
+    return RunResult(
+        status=status, step=trainer.step, final_loss=history.get("loss"),
+        first_loss=history.get("first_loss"), val_loss=history.get("val_loss"),
+        checkpoint=str(last_saved["path"]) if last_saved["path"] else None,
+        mlflow_run_id=tracker.run_id, mlflow_uri=tracker.uri, run_dir=str(run_dir))

@@ -1,0 +1,60 @@
+"""LoRA through the peft library, with targets chosen by glob patterns.
+
+Candidates are the model's ``nn.Linear`` modules: all of them with
+``match_all_linear``, otherwise the language model's (from the registry).
+``target_modules`` globs narrow the candidates, ``exclude_modules`` globs remove
+some; the survivors are handed to peft by full name, so what is adapted is
+exactly what the patterns say.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, List
+
+from vlm_sweep.models.registry import ModelFamily, component_of
+
+
+class LoraTargetError(ValueError):
+    """The target/exclude patterns leave nothing to adapt."""
+
+
+def _matches(name: str, patterns: List[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_lora_targets(model: Any, family: ModelFamily, peft_cfg: Any) -> List[str]:
+    """Full names of the Linear modules that get adapters."""
+    import torch
+
+    targets = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if not peft_cfg.match_all_linear and component_of(family, name) != "language_model":
+            continue
+        if peft_cfg.target_modules and not _matches(name, list(peft_cfg.target_modules)):
+            continue
+        if _matches(name, list(peft_cfg.exclude_modules)):
+            continue
+        targets.append(name)
+    if not targets:
+        raise LoraTargetError(
+            "config error: peft.target_modules/peft.exclude_modules leave no Linear module to adapt"
+        )
+    return targets
+
+
+def apply_lora(model: Any, family: ModelFamily, peft_cfg: Any) -> Any:
+    """Wrap the model in a PeftModel with LoRA on the selected modules."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = select_lora_targets(model, family, peft_cfg)
+    config = LoraConfig(
+        r=peft_cfg.dim,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=targets,
+        bias="none",
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,259 @@
+"""The training loop: one readable place, driven by the config.
+
+Per optimizer step: fetch ``accum`` micro-batches, count their label tokens
+across all ranks, and backpropagate ``sum of token losses / global label
+tokens`` so that gradient accumulation and data parallelism give the same
+gradient as one big batch (not an average of per-micro-batch means).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from vlm_sweep.data.collate import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+NON_MODEL_KEYS = ("labels", "num_skipped", "record_ids")
+
+
+@dataclass
+class StepStats:
+    loss: float
+    label_tokens: int
+    grad_norm: float
+    tokens: int
+    skipped: int
+
+
+def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def count_label_tokens(batch: Dict[str, Any]) -> int:
+    """Tokens that carry loss after the causal shift."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if "labels" in batch else 0
+
+
+def summed_token_loss(model: Any, batch: Dict[str, Any]) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over labelled positions."""
+    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"]
+    shifted = logits[:, :-1, :].float()
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.size(-1)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR2 (what a cluster sends before preemption) request a checkpoint and exit."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Owns the loop; the recipe (vlm_sweep.train) builds and hands it the parts."""
+
+    def __init__(self, *, cfg: Any, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
+                 train_loader: Any, val_loader: Any, tracker: Any, run_dir: Path,
+                 save_fn: Any) -> None:
+        self.cfg = cfg
+        self.acc = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.tracker = tracker
+        self.run_dir = run_dir
+        self.save_fn = save_fn
+        steps = cfg.step_scheduler
+        self.accum = steps.global_batch_size // (steps.micro_batch_size * accelerator.num_processes)
+        self.step = 0
+        self.history: Dict[str, Any] = {}
+        self._batches: Optional[Iterator[Dict[str, Any]]] = None
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # -- data ---------------------------------------------------------------------------
+    def next_batch(self) -> Dict[str, Any]:
+        """The next non-empty micro-batch (batches whose records were all skipped are passed over)."""
+        if self._batches is None:
+            self._batches = iter(self.train_loader)
+        skipped = 0
+        while True:
+            batch = next(self._batches)
+            skipped += batch["num_skipped"]
+            if "input_ids" in batch:
+                batch["num_skipped"] = skipped
+                return batch
+
+    # -- one optimizer step -------------------------------------------------------------
+    def train_step(self) -> StepStats:
+        micro = [self.next_batch() for _ in range(self.accum)]  # kept on CPU until used
+        local_tokens = sum(count_label_tokens(b) for b in micro)
+        global_tokens = int(self.acc.reduce(torch.tensor(local_tokens, device=self.acc.device), "sum"))
+        scale = self.acc.num_processes / max(global_tokens, 1)
+        loss_sum = torch.zeros((), device=self.acc.device)
+        for i, batch in enumerate(micro):
+            batch = to_device(batch, self.acc.device)
+            sync = i == len(micro) - 1
+            with (contextlib.nullcontext() if sync else self.acc.no_sync(self.model)), self.acc.autocast():
+                summed = summed_token_loss(self.model, batch)
+                self.acc.backward(summed * scale)
+            loss_sum += summed.detach()
+        grad_norm = self._clip_gradients()
+        if global_tokens > 0:  # a step without labels must not move the weights
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = float(self.acc.reduce(loss_sum, "sum"))
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        return StepStats(
+            loss=total_loss / global_tokens if global_tokens else 0.0,
+            label_tokens=global_tokens,
+            grad_norm=grad_norm,
+            tokens=int(self.acc.reduce(torch.tensor(tokens, device=self.acc.device), "sum")),
+            skipped=sum(b["num_skipped"] for b in micro),
+        )
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.cfg.optimizer.max_grad_norm
+        if max_norm is not None:
+            norm = self.acc.clip_grad_norm_(self.trainable, max_norm)
+        else:
+            grads = [p.grad.norm() for p in self.trainable if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+        value = float(norm)
+        return value if math.isfinite(value) else float("nan")
+
+    # -- validation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> Optional[float]:
+        """Token-weighted validation loss over (at most max_val_batches of) the split."""
+        if self.val_loader is None:
+            return None
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.acc.device)
+        tokens = torch.zeros((), device=self.acc.device)
+        limit = self.cfg.step_scheduler.max_val_batches
+        for i, batch in enumerate(self.val_loader):
+            if limit is not None and i >= limit:
+                break
+            if "input_ids" not in batch:
+                continue
+            batch = to_device(batch, self.acc.device)
+            with self.acc.autocast():
+                loss_sum += summed_token_loss(self.model, batch)
+            tokens += count_label_tokens(batch)
+        self.model.train()
+        total_tokens = float(self.acc.reduce(tokens, "sum"))
+        return float(self.acc.reduce(loss_sum, "sum")) / total_tokens if total_tokens else None
+
+    # -- the loop -----------------------------------------------------------------------
+    def _log(self, metrics: Dict[str, float], step: int) -> None:
+        if not self.acc.is_main_process:
+            return
+        self.tracker.log_metrics(metrics, step)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def fit(self) -> str:
+        """Train to max_steps (or until a stop signal). Returns the final MLflow status."""
+        steps = self.cfg.step_scheduler
+        stopper = StopSignal()
+        progress = None
+        if self.acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=steps.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        self.model.train()
+        status = "FINISHED"
+        try:
+            while self.step < steps.max_steps:
+                started = time.perf_counter()
+                stats = self.train_step()
+                self.step += 1
+                elapsed = time.perf_counter() - started
+                metrics = {
+                    "loss": stats.loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": stats.grad_norm,
+                    "label_tokens": stats.label_tokens,
+                    "tokens_per_s": stats.tokens / elapsed,
+                    "peak_memory_gb": peak_memory_gb(self.acc.device),
+                }
+                if stats.skipped:
+                    metrics["skipped_records"] = stats.skipped
+                self.history["loss"] = stats.loss
+                self.history.setdefault("first_loss", stats.loss)
+                if self.step % steps.val_every_steps == 0 or self.step == steps.max_steps:
+                    val_loss = self.validate()
+                    if val_loss is not None:
+                        metrics["val_loss"] = self.history["val_loss"] = val_loss
+                if self.step % steps.log_every_steps == 0 or "val_loss" in metrics \
+                        or self.step == steps.max_steps:
+                    self._log(metrics, self.step)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{metrics['lr']:.2e}")
+                stop = self._stop_requested(stopper)
+                if stop or self.step % steps.ckpt_every_steps == 0 or self.step == steps.max_steps:
+                    self.save_fn(self)
+                if stop:
+                    log.warning("signal %s received: checkpointed at step %d, exiting", stopper.received,
+                                self.step)
+                    status = "KILLED"
+                    break
+        finally:
+            stopper.restore()
+            if progress is not None:
+                progress.close()
+        return status
+
+    def _stop_requested(self, stopper: StopSignal) -> bool:
+        """Agree across ranks, so every process checkpoints and exits at the same step."""
+        flag = torch.tensor(1 if stopper.received else 0, device=self.acc.device)
+        return bool(self.acc.reduce(flag, "sum") > 0)
+
+    def trainer_state(self) -> Dict[str, Any]:
+        return {"step": self.step, "history": self.history}
+
+    def load_trainer_state(self, state: Dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.history = dict(state.get("history", {}))

@@ -1,0 +1,285 @@
+"""Tiny stand-in models: built from the real classes, loaded through the hub's from_pretrained path, fast on CPU."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from vlm_sweep.models.tiny import MARKER, TINY_RECIPES, build_tiny_model
+
+EXPECTED = {
+    "gemma3": dict(
+        model_cls="Gemma3ForConditionalGeneration", processor_cls="Gemma3Processor", tokenizer_cls="GemmaTokenizer",
+        header="<start_of_turn>model\n", end="<end_of_turn>", image_tokens=16,
+    ),
+    "qwen2_5_vl": dict(
+        model_cls="Qwen2_5_VLForConditionalGeneration", processor_cls="Qwen2_5_VLProcessor",
+        tokenizer_cls="Qwen2Tokenizer", header="<|im_start|>assistant\n", end="<|im_end|>",
+        image_tokens=4,  # 64x64 -> smart_resize 56x56 -> 4x4 patches of 14 -> 2x2 after the 2x2 merge
+    ),
+}
+RECIPES = sorted(EXPECTED)
+ANSWERS = ["<s_total>12</s_total>", "<s_menu><s_nm>ICE TEA</s_nm><s_cnt>2</s_cnt><sep/></s_menu>"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {recipe: build_tiny_model(recipe, root / recipe) for recipe in RECIPES}
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_dirs: dict[str, Path]) -> dict[str, tuple]:
+    """(model, processor) per recipe, loaded exactly as a hub id would be."""
+    return {
+        recipe: (transformers.AutoModelForImageTextToText.from_pretrained(path),
+                 transformers.AutoProcessor.from_pretrained(path))
+        for recipe, path in tiny_dirs.items()
+    }
+
+
+def _image(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _conversation(seed: int, answer: str) -> list[dict]:
+    return [
+        {"role": "user", "content": [{"type": "image", "image": _image(seed)},
+                                     {"type": "text", "text": "Describe this image."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+
+
+def _batch(processor, answers: list[str] = ANSWERS):
+    convs = [_conversation(i, a) for i, a in enumerate(answers)]
+    # padding goes in processor_kwargs: passed as a bare kwarg it still works but logs a warning in 5.x
+    return processor.apply_chat_template(convs, tokenize=True, return_dict=True, return_tensors="pt",
+                                         processor_kwargs={"padding": True})
+
+
+def _labels(batch) -> torch.Tensor:
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    return labels
+
+
+def _find(seq: list[int], sub: list[int]) -> int:
+    """Index just past the last occurrence of ``sub`` in ``seq`` (-1 if absent)."""
+    for i in range(len(seq) - len(sub), -1, -1):
+        if seq[i:i + len(sub)] == sub:
+            return i + len(sub)
+    return -1
+
+
+def test_unknown_recipe_lists_known(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="gemma3.*qwen2_5_vl"):
+        build_tiny_model("llama", tmp_path / "x")
+    assert set(TINY_RECIPES) == set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_loads_through_auto_classes(recipe: str, tiny_dirs: dict[str, Path], loaded: dict) -> None:
+    model, processor = loaded[recipe]
+    exp = EXPECTED[recipe]
+    assert type(model).__name__ == exp["model_cls"]
+    # AutoProcessor silently falls back to a bare tokenizer when the processor can't be built: check the type.
+    assert type(processor).__name__ == exp["processor_cls"]
+    assert type(processor.tokenizer).__name__ == exp["tokenizer_cls"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dirs[recipe])
+    assert type(tokenizer).__name__ == exp["tokenizer_cls"] and tokenizer.chat_template
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+    assert (tiny_dirs[recipe] / MARKER).is_file()
+
+
+def test_gemma3_special_ids(loaded: dict) -> None:
+    model, processor = loaded["gemma3"]
+    tok = processor.tokenizer
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert model.config.image_token_id == tok.image_token_id == tok.convert_tokens_to_ids("<image_soft_token>")
+    assert model.config.boi_token_id == tok.boi_token_id and model.config.eoi_token_id == tok.eoi_token_id
+    assert processor.image_seq_length == model.config.mm_tokens_per_image == 16
+    assert model.generation_config.eos_token_id == [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+
+
+def test_qwen2_5_vl_special_ids(loaded: dict) -> None:
+    model, processor = loaded["qwen2_5_vl"]
+    tok = processor.tokenizer
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.bos_token is None
+    assert model.config.image_token_id == processor.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert model.config.video_token_id == processor.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
+    assert model.config.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
+    assert model.config.text_config.pad_token_id == tok.pad_token_id
+
+
+def test_chat_templates_render_like_the_real_ones(loaded: dict) -> None:
+    gemma = loaded["gemma3"][1].apply_chat_template(_conversation(0, "12"), tokenize=False)
+    assert gemma == ("<bos><start_of_turn>user\n<start_of_image>Describe this image.<end_of_turn>\n"
+                     "<start_of_turn>model\n12<end_of_turn>\n")
+    system_first = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}] + _conversation(0, "x")[:1]
+    prompt = loaded["gemma3"][1].apply_chat_template(system_first, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<bos><start_of_turn>user\nBe brief.\n\n<start_of_image>")
+    assert prompt.endswith("<end_of_turn>\n<start_of_turn>model\n")
+    qwen = loaded["qwen2_5_vl"][1].apply_chat_template(_conversation(0, "12"), tokenize=False)
+    assert qwen == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>Describe this image.<|im_end|>\n"
+                    "<|im_start|>assistant\n12<|im_end|>\n")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_processor_batch_has_images_and_image_tokens(recipe: str, loaded: dict) -> None:
+    model, processor = loaded[recipe]
+    batch = _batch(processor)
+    n_image_tokens = (batch["input_ids"] == model.config.image_token_id).sum(dim=1)
+    assert n_image_tokens.tolist() == [EXPECTED[recipe]["image_tokens"]] * 2
+    if recipe == "gemma3":
+        assert batch["pixel_values"].shape == (2, 3, 64, 64)
+        assert (batch["token_type_ids"] == 1).sum().item() == 2 * 16  # drives bidirectional attention on images
+        assert ((batch["input_ids"] == model.config.boi_token_id).sum(dim=1) == 1).all()
+    else:
+        assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
+        assert batch["pixel_values"].shape == (2 * 16, 3 * 2 * 14 * 14)
+        assert "mm_token_type_ids" in batch
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_forward_backward_is_finite_and_fast(recipe: str, loaded: dict) -> None:
+    model, processor = loaded[recipe]
+    batch, model = _batch(processor), model.train()
+    timings = []
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        loss = model(**batch, labels=_labels(batch)).loss
+        loss.backward()
+        timings.append(time.perf_counter() - start)
+    model.eval()
+    assert torch.isfinite(loss) and loss.item() > 0
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    vision = [g for n, g in grads.items() if "visual" in n or "vision_tower" in n]
+    assert vision and all(g is not None for g in vision), "vision tower received no gradient"
+    assert any(g is not None and g.abs().sum() > 0 for g in vision)
+    assert min(timings) < 0.2, f"forward+backward took {min(timings):.3f}s"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_generate_produces_tokens(recipe: str, loaded: dict) -> None:
+    model, processor = loaded[recipe]
+    prompts = [_conversation(i, "")[:1] for i in range(2)]
+    processor.tokenizer.padding_side = "left"  # generation needs left padding (Qwen's default is right)
+    try:
+        inputs = processor.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt", processor_kwargs={"padding": True})
+    finally:
+        processor.tokenizer.padding_side = type(processor.tokenizer).padding_side
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    assert new.shape[0] == 2 and new.shape[1] >= 1
+    assert all(isinstance(s, str) for s in processor.batch_decode(new, skip_special_tokens=True))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_header_tokens_are_stable(recipe: str, loaded: dict) -> None:
+    """The assistant header tokenizes the same alone and followed by an answer, so labels can be masked by search."""
+    tok = loaded[recipe][1].tokenizer
+    header, end = EXPECTED[recipe]["header"], EXPECTED[recipe]["end"]
+    head = tok.encode(header, add_special_tokens=False)
+    for answer in ["Hello world", *ANSWERS, "12,500", "x", "Total: 3.50"]:
+        full = tok.encode(f"{header}{answer}{end}\n", add_special_tokens=False)
+        assert full[:len(head)] == head, (answer, tok.convert_ids_to_tokens(full))
+    user = "<start_of_turn>user\n" if recipe == "gemma3" else "<|im_start|>user\n"
+    assert tok.encode(user + "Describe", add_special_tokens=False)[:3] == tok.encode(user, add_special_tokens=False)
+    # No vocabulary entry glues a newline to text after it.
+    for token_id in range(len(tok)):
+        piece = tok.decode([token_id])
+        assert "\n" not in piece or piece.endswith("\n"), repr(piece)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_answer_span_recoverable_from_batch(recipe: str, loaded: dict) -> None:
+    """What a collate function does: find the last header in input_ids, the answer tokens follow it."""
+    tok = loaded[recipe][1].tokenizer
+    batch = _batch(loaded[recipe][1])
+    head = tok.encode(EXPECTED[recipe]["header"], add_special_tokens=False)
+    end_id = tok.convert_tokens_to_ids(EXPECTED[recipe]["end"])
+    for row, answer in zip(batch["input_ids"].tolist(), ANSWERS):
+        start = _find(row, head)
+        assert start > 0
+        assert tok.decode(row[start:row.index(end_id, start)]) == answer
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_tokenizer_round_trips_text(recipe: str, loaded: dict) -> None:
+    tok = loaded[recipe][1].tokenizer
+    text = "<s_menu><s_nm>ICE TEA 2</s_nm><s_price>12,000</s_price><sep/></s_menu>\n Ünïcode 한국어 €"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert tok.unk_token_id not in tok.encode(text, add_special_tokens=False) or tok.unk_token_id is None
+    assert 2000 <= len(tok) <= 4096
+
+
+def test_qwen2_5_vl_video_inputs(loaded: dict) -> None:
+    model, processor = loaded["qwen2_5_vl"]
+    rng = np.random.RandomState(0)
+    frames = [Image.fromarray(rng.randint(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
+    array = rng.randint(0, 256, (4, 64, 64, 3), dtype=np.uint8)  # (frames, height, width, channels)
+    for video in (frames, array):
+        conv = [{"role": "user", "content": [{"type": "video", "video": video},
+                                             {"type": "text", "text": "Describe this video."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "<s_total>1</s_total>"}]}]
+        batch = processor.apply_chat_template([conv], tokenize=True, return_dict=True, return_tensors="pt")
+        assert batch["video_grid_thw"].tolist() == [[2, 4, 4]]  # 4 frames / temporal patch 2
+        assert (batch["input_ids"] == model.config.video_token_id).sum().item() == 2 * 4 * 4 // 4
+        assert batch["pixel_values_videos"].shape == (32, 3 * 2 * 14 * 14)
+        assert "second_per_grid_ts" in batch
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_second_build_is_a_no_op(recipe: str, tiny_dirs: dict[str, Path]) -> None:
+    path = tiny_dirs[recipe]
+    weights = (path / "model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert build_tiny_model(recipe, path) == path
+    assert time.perf_counter() - start < 0.5
+    assert (path / "model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_wrong_recipe_in_existing_dir_is_an_error(tiny_dirs: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="gemma3"):
+        build_tiny_model("qwen2_5_vl", tiny_dirs["gemma3"])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fresh_builds_are_identical(recipe: str, tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    again = build_tiny_model(recipe, tmp_path / recipe)
+    for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json",
+                 "processor_config.json", "model.safetensors"]:
+        assert (again / name).read_bytes() == (tiny_dirs[recipe] / name).read_bytes(), name
+
+
+def test_concurrent_builds_share_one_directory(tmp_path: Path) -> None:
+    target, results, errors = tmp_path / "race" / "qwen", [], []
+
+    def build() -> None:
+        try:
+            results.append(build_tiny_model("qwen2_5_vl", target))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [target, target]
+    assert (target / MARKER).is_file()
+    assert [p.name for p in target.parent.iterdir()] == ["qwen"], "temporary build directory left behind"
+    assert type(transformers.AutoProcessor.from_pretrained(target)).__name__ == "Qwen2_5_VLProcessor"
