@@ -47,7 +47,6 @@ declare -A PIDFILE=(
   [slurmd]=$RUN/slurmd.pid
 )
 START_ORDER=(munged mariadbd slurmdbd slurmctld slurmd)
-STOP_ORDER=(slurmd slurmctld slurmdbd mariadbd munged)
 
 T0=$(date +%s%N)
 log() {
@@ -74,14 +73,31 @@ wait_for() { # wait_for SECONDS CMD...: poll CMD until it succeeds; 1 on timeout
 # A pid is "ours" only if it is alive, runs the expected executable and names this
 # state dir on its command line or in its environment (so a recycled pid, or a
 # system slurmd/munged/mariadbd, is never touched).
+pid_alive() { # alive and not a zombie (pid 1 here may be slow to reap orphans)
+  local stat
+  [[ $1 =~ ^[0-9]+$ ]] && { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
+  stat=${stat##*) }
+  case ${stat%% *} in Z | X | x) return 1 ;; esac
+}
 ours() { # ours PID EXE_BASENAME
   local pid=$1 exe
-  [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  pid_alive "$pid" || return 1
   exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
   exe=${exe% (deleted)}; exe=${exe##*/}
   [ "$exe" = "$2" ] || [ "$exe" = "$2-wlm" ] || return 1   # Debian: /usr/sbin/slurmd -> slurmd-wlm
   tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$BASE/" && return 0
   tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$CONF"
+}
+scan_ours() { # scan_ours EXE...: print NAME:PID for each live process of ours running one of them
+  local p pid exe n
+  for p in /proc/[0-9]*; do
+    pid=${p#/proc/}
+    exe=$(readlink "$p/exe" 2>/dev/null) || continue
+    exe=${exe% (deleted)}; exe=${exe##*/}; exe=${exe%-wlm}
+    for n in "$@"; do
+      if [ "$exe" = "$n" ] && ours "$pid" "$n"; then echo "$n:$pid"; fi
+    done
+  done
 }
 running() { # running DAEMON: prints the pid if our daemon is up; drops a stale pid file
   local pf=${PIDFILE[$1]} pid
@@ -135,7 +151,7 @@ write_configs() {
   cores=$(sed -n 's/.*\bCoresPerSocket=\([0-9]*\).*/\1/p' <<<"$hw")
   threads=$(sed -n 's/.*\bThreadsPerCore=\([0-9]*\).*/\1/p' <<<"$hw")
   mem=$(sed -n 's/.*\bRealMemory=\([0-9]*\).*/\1/p' <<<"$hw")
-  [ -n "$cpus" ] && [ -n "$mem" ] || die "cannot parse 'slurmd -C': $hw"
+  if [ -z "$cpus" ] || [ -z "$mem" ]; then die "cannot parse 'slurmd -C': $hw"; fi
   if [ "$OVERSUB" -gt 1 ] 2>/dev/null; then oversub="FORCE:$OVERSUB"; else oversub=NO; fi
 
   cat >"$CONF.new" <<EOF
@@ -221,18 +237,29 @@ EOF
 }
 
 # ------------------------------------------------------------------ daemons
-stop_daemon() { # stop_daemon NAME: TERM (then KILL) our daemon from its pid file
-  local name=$1 pid i
-  pid=$(running "$name") || { rm -f "${PIDFILE[$name]}"; return 0; }
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 150; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "$name (pid $pid) ignored SIGTERM for 30s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
+stop_daemons() { # stop_daemons NAME...: TERM (then KILL) our daemons, found via their pid files
+  local name pid i alive names=() pids=()
+  for name in "$@"; do
+    if pid=$(running "$name"); then
+      kill -TERM "$pid" 2>/dev/null || true
+      names+=("$name"); pids+=("$pid")
+    fi
+    rm -f "${PIDFILE[$name]}"
+  done
+  for ((i = 0; i < 150; i++)); do # 30 s
+    alive=0
+    for pid in "${pids[@]}"; do pid_alive "$pid" && alive=1; done
+    [ $alive = 0 ] && break
     sleep 0.2
-  fi
-  rm -f "${PIDFILE[$name]}"
-  log "$name stopped (pid $pid)"
+  done
+  for i in "${!pids[@]}"; do
+    if pid_alive "${pids[$i]}"; then
+      log "${names[$i]} (pid ${pids[$i]}) ignored SIGTERM for 30s: SIGKILL"
+      kill -KILL "${pids[$i]}" 2>/dev/null || true
+    else
+      log "${names[$i]} stopped (pid ${pids[$i]})"
+    fi
+  done
 }
 
 start_munged() {
@@ -285,7 +312,7 @@ start_slurmdbd() {
   local pid
   if pid=$(running slurmdbd); then
     if [ "$DBD_CONF_CHANGED" = 0 ]; then log "slurmdbd already running (pid $pid)"; return; fi
-    log "slurmdbd.conf changed: restarting slurmdbd"; stop_daemon slurmdbd
+    log "slurmdbd.conf changed: restarting slurmdbd"; stop_daemons slurmdbd
   fi
   check_port slurmdbd "$DBD_PORT"
   slurmdbd </dev/null >>"$LOG/slurmdbd.out" 2>&1 9>&- || die "slurmdbd failed to start"
@@ -300,8 +327,9 @@ start_slurm() {
   local d pid
   if [ "$CONF_CHANGED" = 1 ]; then
     for d in slurmd slurmctld; do
-      running "$d" >/dev/null && { log "slurm.conf changed: restarting $d"; stop_daemon "$d"; }
+      running "$d" >/dev/null && log "slurm.conf changed: restarting $d"
     done
+    stop_daemons slurmd slurmctld
   fi
   if pid=$(running slurmctld); then log "slurmctld already running (pid $pid)"
   else
@@ -358,7 +386,7 @@ cmd_up() {
 }
 
 cmd_down() {
-  local purge=0 d pid jobs i left
+  local purge=0 d jobs left
   [ "${1:-}" = --purge ] && purge=1
   if [ ! -d "$BASE" ]; then log "nothing to stop ($BASE does not exist)"; return 0; fi
   lock
@@ -369,25 +397,21 @@ cmd_down() {
       log "cancelling jobs: $jobs"
       # shellcheck disable=SC2086
       scancel $jobs 2>/dev/null || true
+      # shellcheck disable=SC2016 # expanded by sh -c
       wait_for 30 sh -c '[ -z "$(squeue -h 2>/dev/null)" ]' || log "jobs still listed after 30s: $(squeue -h | tr '\n' ';')"
     fi
   fi
   # each running step has a socket in the spool dir until its slurmstepd exits
   wait_for 15 sh -c "! ls '$BASE/spool' 2>/dev/null | grep -q '^${NODE}_'" || true
-  for d in "${STOP_ORDER[@]}"; do
-    stop_daemon "$d"
-    if [ "$d" = slurmd ]; then # step daemons of ours that outlived slurmd
-      for pid in $(ls /proc | grep -E '^[0-9]+$'); do
-        ours "$pid" slurmstepd && { log "killing leftover slurmstepd $pid"; kill -KILL "$pid" 2>/dev/null || true; }
-      done
-    fi
+  stop_daemons slurmd slurmctld
+  for d in $(scan_ours slurmstepd); do # step daemons of ours that outlived slurmd
+    log "killing leftover ${d/:/ }"; kill -KILL "${d#*:}" 2>/dev/null || true
   done
-  rm -f "$BASE/spool"/*_* 2>/dev/null || true
-  left=""
-  for pid in $(ls /proc | grep -E '^[0-9]+$'); do
-    for d in "${START_ORDER[@]}" slurmstepd; do ours "$pid" "$d" && left+=" $d:$pid"; done
-  done
-  [ -z "$left" ] || die "still running after down:$left"
+  stop_daemons slurmdbd
+  stop_daemons mariadbd munged
+  rm -f "$BASE/spool/${NODE}_"* 2>/dev/null || true
+  left=$(scan_ours "${START_ORDER[@]}" slurmstepd | tr '\n' ' ')
+  [ -z "$left" ] || die "still running after down: $left"
   if [ $purge = 1 ]; then exec 9>&-; rm -rf "$BASE"; log "removed $BASE"; fi
   log "down"
 }

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ import torch
 import transformers
 from PIL import Image
 
-from vlm_sweep.models.tiny import MARKER, TINY_RECIPES, build_tiny_model
+from vlm_sweep.models.tiny import MARKER, RECIPE_VERSION, TINY_RECIPES, build_tiny_model
 
 EXPECTED = {
     "gemma3": dict(
@@ -27,6 +30,16 @@ EXPECTED = {
 }
 RECIPES = sorted(EXPECTED)
 ANSWERS = ["<s_total>12</s_total>", "<s_menu><s_nm>ICE TEA</s_nm><s_cnt>2</s_cnt><sep/></s_menu>"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: ops on these tiny tensors don't gain from two, and with two OpenMP threads a busy
+    2-core machine (another job running) makes each op wait on a descheduled thread: ~0.4 s instead of ~15 ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +182,17 @@ def test_forward_backward_is_finite_and_fast(recipe: str, loaded: dict) -> None:
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
+def test_image_changes_the_logits(recipe: str, loaded: dict) -> None:
+    """Like a pretrained checkpoint, the vision path must reach the text (Gemma3 zero-inits its projector)."""
+    model, processor = loaded[recipe]
+    batch = _batch(processor)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        other = dict(batch, pixel_values=torch.flip(batch["pixel_values"], dims=[0]))  # swap the two images
+        assert not torch.allclose(logits[:, -3:], model(**other).logits[:, -3:])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_generate_produces_tokens(recipe: str, loaded: dict) -> None:
     model, processor = loaded[recipe]
     prompts = [_conversation(i, "")[:1] for i in range(2)]
@@ -255,6 +279,29 @@ def test_second_build_is_a_no_op(recipe: str, tiny_dirs: dict[str, Path]) -> Non
 def test_wrong_recipe_in_existing_dir_is_an_error(tiny_dirs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="gemma3"):
         build_tiny_model("qwen2_5_vl", tiny_dirs["gemma3"])
+
+
+def test_stale_build_is_replaced_and_foreign_dir_refused(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    stale = tmp_path / "cache" / "gemma"
+    shutil.copytree(tiny_dirs["gemma3"], stale)
+    (stale / MARKER).write_text(json.dumps({"recipe": "gemma3", "version": 0}))  # built by an older recipe
+    (stale / "leftover.txt").write_text("old")
+    assert build_tiny_model("gemma3", stale) == stale
+    assert json.loads((stale / MARKER).read_text())["version"] == RECIPE_VERSION
+    assert not (stale / "leftover.txt").exists()
+    assert [p.name for p in stale.parent.iterdir()] == ["gemma"]
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a model")
+    with pytest.raises(FileExistsError):
+        build_tiny_model("gemma3", foreign)
+    assert (foreign / "notes.txt").read_text() == "not a model"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (build_tiny_model("qwen2_5_vl", empty) / MARKER).is_file()
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

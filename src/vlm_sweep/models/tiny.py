@@ -30,6 +30,9 @@ from transformers import (
     Gemma3TextConfig,
     GemmaTokenizer,
     GenerationConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -41,7 +44,7 @@ from transformers import (
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN_PRETOKENIZE_REGEX
 
 MARKER = "tiny_build.json"  # written last: its presence means the directory is a complete build
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # bump when a recipe's output changes: older builds are then rebuilt
 
 # --------------------------------------------------------------------------------------------- chat templates
 # Gemma 3's template (google/gemma-3-*-it): system folded into the first user turn, images as <start_of_image>.
@@ -110,7 +113,7 @@ _WORDS = (
     "unit number table order bill paid payment thank you please describe read show shows list name value answer "
     "question user model assistant system helpful one two three four five red green blue black white small large "
     "left right top bottom first last new old good great coffee tea ice milk rice chicken beef noodle soup water "
-    "juice bread cake cheese sugar hot cold fried grilled special set combo extra large regular medium sweet"
+    "juice bread cake cheese sugar hot cold fried grilled special set combo extra regular medium sweet"
 ).split()
 # CORD-v2 style field names; the tags are ordinary text for the tokenizer, never special tokens.
 _CORD_FIELDS = (
@@ -225,7 +228,7 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         errors="replace",
-        model_max_length=32768,
+        model_max_length=131072,  # as in Qwen2.5-VL
         chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
         extra_special_tokens=QWEN_SPECIALS[1:],
     )
@@ -235,8 +238,20 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
 
 
 # --------------------------------------------------------------------------------------------------- recipes
-def _save(output_dir: Path, model: torch.nn.Module, processor, generation_config: GenerationConfig) -> None:
-    model.generation_config = generation_config
+def _init_model(model_cls: type[PreTrainedModel], config: PreTrainedConfig,
+                init: Callable[[PreTrainedModel], None] | None = None) -> PreTrainedModel:
+    """Seeded random init (identical weights every build) without touching the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = model_cls(config)
+        if init is not None:
+            with torch.no_grad():
+                init(model)
+    return model
+
+
+def _save(output_dir: Path, model: PreTrainedModel, processor: ProcessorMixin, generation: GenerationConfig) -> None:
+    model.generation_config = generation
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
 
@@ -261,8 +276,13 @@ def build_gemma3(output_dir: Path) -> None:
         boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
         image_token_index=ids[GEMMA_IMAGE_TOKEN],
     )
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(config)
+
+    def trained_projector(model: PreTrainedModel) -> None:
+        # Gemma3 zero-initialises the vision->text projection (fine before pretraining); a hub checkpoint's is
+        # trained. Left at zero, images would not affect the output and the vision tower would get no gradient.
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=config.initializer_range)
+
+    model = _init_model(Gemma3ForConditionalGeneration, config, trained_projector)
     image_processor = Gemma3ImageProcessor(
         size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2,
     )
@@ -296,8 +316,7 @@ def build_qwen2_5_vl(output_dir: Path) -> None:
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = _init_model(Qwen2_5_VLForConditionalGeneration, config)
     pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112, "patch_size": patch, "merge_size": merge,
               "temporal_patch_size": 2}
     processor = Qwen2_5_VLProcessor(
@@ -317,28 +336,54 @@ TINY_RECIPES: dict[str, Callable[[Path], None]] = {
 }
 
 
-def _is_complete(path: Path, recipe: str) -> bool:
-    """True if ``path`` holds a finished build of ``recipe``; a build of another recipe is an error."""
+def _build_state(path: Path, recipe: str) -> str:
+    """'current', 'stale' (built by an older RECIPE_VERSION), or 'absent' (no marker); another recipe is an error."""
     marker = path / MARKER
     if not marker.is_file():
-        return False
+        return "absent"
     built = json.loads(marker.read_text())
     if built.get("recipe") != recipe:
         raise ValueError(f"{path} already holds a tiny {built.get('recipe')!r} model, not {recipe!r}")
-    return True
+    return "current" if built.get("version") == RECIPE_VERSION else "stale"
+
+
+def _install(tmp: Path, output_dir: Path, recipe: str) -> None:
+    """Atomically move a finished build into place; lose gracefully to a concurrent builder, replace a stale build."""
+    try:
+        os.rename(tmp, output_dir)  # atomic; also replaces an *empty* directory
+        return
+    except OSError:
+        state = _build_state(output_dir, recipe)
+    if state == "current":  # another process won the race: use its (identical) build
+        return
+    if state == "absent":
+        raise FileExistsError(f"{output_dir} exists but is not a tiny {recipe!r} build; remove it or pick another path")
+    stale = tmp.with_name(tmp.name.replace(".tmp-", ".stale-"))
+    try:
+        os.rename(output_dir, stale)
+    except FileNotFoundError:
+        pass  # a concurrent builder already moved it
+    try:
+        os.rename(tmp, output_dir)
+    except OSError:
+        if _build_state(output_dir, recipe) != "current":
+            raise
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def build_tiny_model(recipe: str, output_dir: str | os.PathLike) -> Path:
     """Build the tiny ``recipe`` checkpoint into ``output_dir`` once, and return its path.
 
-    A complete build (marker file written last) is reused as is. Otherwise the model is built in a temporary sibling
-    directory and renamed into place, so concurrent builders (e.g. one per rank) never see a half-written directory:
-    the loser of the rename race deletes its copy and uses the winner's.
+    A complete build (marker file written last) is reused as is; one made by an older RECIPE_VERSION is rebuilt.
+    Building happens in a temporary sibling directory that is renamed into place, so concurrent builders (e.g. one
+    per rank) never see a half-written directory: the loser of the rename race deletes its copy and uses the
+    winner's (builds are deterministic, so both are byte-identical).
     """
     if recipe not in TINY_RECIPES:
         raise ValueError(f"unknown tiny recipe {recipe!r}; known: {sorted(TINY_RECIPES)}")
     output_dir = Path(output_dir).absolute()
-    if _is_complete(output_dir, recipe):
+    if _build_state(output_dir, recipe) == "current":
         return output_dir
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -346,11 +391,7 @@ def build_tiny_model(recipe: str, output_dir: str | os.PathLike) -> Path:
         tmp.mkdir()
         TINY_RECIPES[recipe](tmp)
         (tmp / MARKER).write_text(json.dumps({"recipe": recipe, "version": RECIPE_VERSION}) + "\n")
-        try:
-            os.rename(tmp, output_dir)  # atomic; also replaces an *empty* directory
-        except OSError:
-            if not _is_complete(output_dir, recipe):
-                raise FileExistsError(f"{output_dir} exists and is not a complete tiny {recipe!r} build; remove it")
+        _install(tmp, output_dir, recipe)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir

@@ -1,0 +1,70 @@
+"""Shared test fixtures: composed configs, the built tiny models, a scratch MLflow store.
+
+Tiny models and synthetic data are built once into a repo-local cache
+(.cache/vlm_sweep, git-ignored) and reused across tests and runs, exactly as a
+user's cache would be.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VLM_SWEEP_CACHE", str(ROOT / ".cache" / "vlm_sweep"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+CACHE = Path(os.environ["VLM_SWEEP_CACHE"])
+
+
+def compose(overrides: List[str] | None = None):
+    """The run config exactly as launch.py composes it (without the hydra node)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vlm_sweep.config.schema import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    from vlm_sweep.models.tiny import build_tiny_model
+
+    return build_tiny_model("gemma3", CACHE / "models" / "tiny_gemma3")
+
+
+@pytest.fixture(scope="session")
+def qwen_dir() -> Path:
+    from vlm_sweep.models.tiny import build_tiny_model
+
+    return build_tiny_model("qwen2_5_vl", CACHE / "models" / "tiny_qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def receipts_dir() -> Path:
+    from vlm_sweep.data.synthetic_receipts import generate_synthetic_receipts
+
+    cfg = compose()
+    return generate_synthetic_receipts(cfg.dataset.path, **dict(cfg.dataset.synthetic))
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def run_launch(args: List[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
+    """Run launch.py in a subprocess, as a user would."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
