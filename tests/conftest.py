@@ -17,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VLM_SWEEP_CACHE", str(ROOT / ".cache" / "vlm_sweep"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models on 2 cores: one thread per process avoids oversubscription when jobs run side by side.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 CACHE = Path(os.environ["VLM_SWEEP_CACHE"])
 
 

@@ -44,7 +44,10 @@ from transformers import (
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN_PRETOKENIZE_REGEX
 
 MARKER = "tiny_build.json"  # written last: its presence means the directory is a complete build
-RECIPE_VERSION = 2  # bump when a recipe's output changes: older builds are then rebuilt
+# A hub checkpoint's (tied) embeddings are trained and far from the 0.02 init; with 0.02 a tiny
+# model's logits are too flat for LoRA (embeddings frozen) to learn anything in a demo's steps.
+EMBED_STD = 0.25
+RECIPE_VERSION = 3  # bump when a recipe's output changes: older builds are then rebuilt
 
 # --------------------------------------------------------------------------------------------- chat templates
 # Gemma 3's template (google/gemma-3-*-it): system folded into the first user turn, images as <start_of_image>.
@@ -250,6 +253,13 @@ def _init_model(model_cls: type[PreTrainedModel], config: PreTrainedConfig,
     return model
 
 
+def _pretrained_like_embeddings(model: PreTrainedModel) -> None:
+    model.get_input_embeddings().weight.normal_(std=EMBED_STD)
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not model.get_input_embeddings().weight:
+        output.weight.normal_(std=EMBED_STD)
+
+
 def _save(output_dir: Path, model: PreTrainedModel, processor: ProcessorMixin, generation: GenerationConfig) -> None:
     model.generation_config = generation
     model.save_pretrained(output_dir)
@@ -281,6 +291,7 @@ def build_gemma3(output_dir: Path) -> None:
         # Gemma3 zero-initialises the vision->text projection (fine before pretraining); a hub checkpoint's is
         # trained. Left at zero, images would not affect the output and the vision tower would get no gradient.
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=config.initializer_range)
+        _pretrained_like_embeddings(model)
 
     model = _init_model(Gemma3ForConditionalGeneration, config, trained_projector)
     image_processor = Gemma3ImageProcessor(
@@ -316,7 +327,7 @@ def build_qwen2_5_vl(output_dir: Path) -> None:
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
-    model = _init_model(Qwen2_5_VLForConditionalGeneration, config)
+    model = _init_model(Qwen2_5_VLForConditionalGeneration, config, _pretrained_like_embeddings)
     pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112, "patch_size": patch, "merge_size": merge,
               "temporal_patch_size": 2}
     processor = Qwen2_5_VLProcessor(
