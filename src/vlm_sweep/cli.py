@@ -52,7 +52,8 @@ def run_job(cfg: DictConfig) -> Optional[float]:
                   file=sys.stderr)
             sys.exit(2)
         raise
-    summary = format_summary(result)
-    log.info("\n%s", summary)
-    print(summary)
+    log.info("\n%s", format_summary(result))
+    if result.stop_signal:
+        # Preempted: checkpointed and stopped early. Exit like a signalled process would.
+        sys.exit(128 + result.stop_signal)
     return result.val_loss if result.val_loss is not None else result.final_loss

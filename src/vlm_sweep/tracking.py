@@ -15,7 +15,10 @@ from typing import Any, Dict, List, Optional
 
 log = logging.getLogger(__name__)
 
-SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|private[_-]?key)", re.I)
+# A key is secret if one of its _/./- separated parts is one of these (max_new_tokens is not).
+SECRET_KEY = re.compile(
+    r"(^|[_.-])(token|secret|password|passwd|api[_-]?key|access[_-]?key|credentials?|private[_-]?key|auth)"
+    r"($|[_.-])", re.I)
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD",
                    "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "AZURE_STORAGE_ACCESS_KEY")
 REDACTED = "***REDACTED***"
@@ -62,6 +65,13 @@ def default_tracking_uri(output_root: str) -> str:
     return f"sqlite:///{path}"
 
 
+def artifact_location(uri: str) -> Optional[str]:
+    """Artifacts next to an SQLite store (MLflow would default to ./mlruns in the cwd); a server decides its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 class NullTracker:
     """Tracking turned off (or a non-zero rank): every call is a no-op."""
 
@@ -69,6 +79,7 @@ class NullTracker:
     uri: Optional[str] = None
 
     def log_params(self, params: Dict[str, Any]) -> None: ...
+    def last_logged_step(self) -> int: return 0
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str) -> None: ...
     def flush(self) -> None: ...
@@ -88,8 +99,9 @@ class MlflowTracker(NullTracker):
         self._since_flush = 0
         if run_id is None:
             experiment_id = self._experiment_id(tracking_cfg.experiment_name)
-            tags = {str(k): str(v) for k, v in tracking_cfg.tags.items()}
-            run = self.client.create_run(experiment_id, run_name=tracking_cfg.run_name, tags=tags)
+            tags = {str(k): str(v) for k, v in redact(dict(tracking_cfg.tags)).items()}
+            run_name = redact(tracking_cfg.run_name) if tracking_cfg.run_name else None
+            run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -100,7 +112,7 @@ class MlflowTracker(NullTracker):
         if experiment is not None:
             return experiment.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, artifact_location=artifact_location(self.uri))
         except Exception:  # created concurrently by another job
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:
@@ -113,6 +125,11 @@ class MlflowTracker(NullTracker):
         items = [Param(k, str(v)[:6000]) for k, v in redact(params).items()]
         for i in range(0, len(items), 100):  # MLflow's per-request limit
             self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def last_logged_step(self) -> int:
+        """Highest step with a logged loss (a resumed run skips steps up to it: no duplicates)."""
+        history = self.client.get_metric_history(self.run_id, "loss")
+        return max((m.step for m in history), default=0)
 
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
         import time

@@ -29,6 +29,7 @@ class RunResult:
     mlflow_run_id: Optional[str]
     mlflow_uri: Optional[str]
     run_dir: str
+    stop_signal: Optional[int] = None
 
 
 def resolved_config(cfg: DictConfig) -> Dict[str, Any]:
@@ -54,6 +55,7 @@ def _make_accelerator(parallel_cfg: Any) -> Any:
 
 
 def _loaders(cfg: DictConfig, datasets: Dict[str, Any], collator: Any, accelerator: Any):
+    import torch
     from torch.utils.data import DataLoader
     from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -64,9 +66,12 @@ def _loaders(cfg: DictConfig, datasets: Dict[str, Any], collator: Any, accelerat
     sampler = ShardedIndexSampler(
         len(train), rank=accelerator.process_index, world_size=accelerator.num_processes,
         seed=cfg.seed, lengths=lengths, batch_size=cfg.step_scheduler.micro_batch_size)
+    # A private generator: creating a loader iterator must not draw from the global RNG
+    # (a resumed run creates it after restoring RNG state, an uninterrupted one before).
+    generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     train_loader = StatefulDataLoader(
         train, batch_size=cfg.step_scheduler.micro_batch_size, sampler=sampler,
-        collate_fn=collator, num_workers=cfg.dataset.num_workers)
+        collate_fn=collator, num_workers=cfg.dataset.num_workers, generator=generator)
     val_loader = None
     if "validation" in datasets:
         val = datasets["validation"]
@@ -74,6 +79,24 @@ def _loaders(cfg: DictConfig, datasets: Dict[str, Any], collator: Any, accelerat
         val_loader = DataLoader(val, batch_size=cfg.step_scheduler.micro_batch_size, sampler=shard,
                                 collate_fn=collator, num_workers=cfg.dataset.num_workers)
     return train_loader, val_loader
+
+
+def _eval_samples(cfg: DictConfig, datasets: Dict[str, Any]) -> list:
+    """The first eval.num_samples good validation records, if generation eval is on."""
+    best = cfg.checkpoint.best_metric or ""
+    if not (cfg.eval.every_steps or best.startswith("eval/")) or "validation" not in datasets:
+        return []
+    val = datasets["validation"]
+    samples = (val[i] for i in range(len(val)))
+    return [s for s in samples if s is not None][:cfg.eval.num_samples]
+
+
+def _truncate_metrics_log(path: Path, step: int) -> None:
+    """Drop lines a killed run wrote after its last checkpoint: they are logged again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def run(cfg: DictConfig, run_dir: Path) -> RunResult:
@@ -139,22 +162,32 @@ def run(cfg: DictConfig, run_dir: Path) -> RunResult:
 
     last_saved: Dict[str, Optional[Path]] = {"path": None}
 
-    def save(trainer: Trainer) -> None:
+    def save(trainer: Trainer, metrics: Dict[str, float]) -> None:
         if not cfg.checkpoint.enabled:
             return
+        best_metric, is_best = cfg.checkpoint.best_metric, False
+        if best_metric and best_metric in metrics:
+            value = metrics[best_metric]
+            if ckpt.is_better(value, trainer.history.get("best_value"), cfg.checkpoint.best_mode):
+                trainer.history.update(best_value=value, best_step=trainer.step)
+                is_best = True
         last_saved["path"] = ckpt.save_checkpoint(
             checkpoint_root, trainer.step, accelerator=accelerator, model=trainer.model,
             processor=processor, optimizer=optimizer, scheduler=scheduler,
             dataloader=train_loader, trainer_state=trainer.trainer_state(),
-            config_yaml=config_yaml, checkpoint_cfg=cfg.checkpoint)
+            config_yaml=config_yaml, checkpoint_cfg=cfg.checkpoint, is_best=is_best)
 
     trainer = Trainer(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer,
                       scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
-                      tracker=tracker, run_dir=run_dir, save_fn=save)
+                      tracker=tracker, run_dir=run_dir, save_fn=save, processor=processor,
+                      eval_samples=_eval_samples(cfg, datasets))
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, accelerator=accelerator, model=model,
                                      optimizer=optimizer, scheduler=scheduler, dataloader=train_loader)
         trainer.load_trainer_state(state)
+        trainer.tracker_logged_through = tracker.last_logged_step()
+        if accelerator.is_main_process:
+            _truncate_metrics_log(run_dir / "metrics.jsonl", trainer.step)
         last_saved["path"] = resume_from
         log.info("resumed from %s at step %d", resume_from, trainer.step)
 
@@ -171,4 +204,5 @@ def run(cfg: DictConfig, run_dir: Path) -> RunResult:
         status=status, step=trainer.step, final_loss=history.get("loss"),
         first_loss=history.get("first_loss"), val_loss=history.get("val_loss"),
         checkpoint=str(last_saved["path"]) if last_saved["path"] else None,
-        mlflow_run_id=tracker.run_id, mlflow_uri=tracker.uri, run_dir=str(run_dir))
+        mlflow_run_id=tracker.run_id, mlflow_uri=tracker.uri, run_dir=str(run_dir),
+        stop_signal=trainer.stop_signal)

@@ -110,7 +110,7 @@ class FreezeConfig:
 class ParallelConfig:
     """Data-parallel strategy; processes come from torchrun/SLURM."""
 
-    strategy: str = "single"  # single | ddp | fsdp
+    strategy: str = "single"  # single | ddp
     # auto: bf16 on a bf16-capable GPU, fp32 on CPU. Or: no | bf16 | fp16.
     mixed_precision: str = "auto"
     backend: Optional[str] = None  # null: nccl on GPU, gloo on CPU
@@ -126,6 +126,10 @@ class CheckpointConfig:
     keep_last: int = 2
     # auto: continue from <dir>/LATEST if present. none: start fresh. Or a path.
     resume: str = "auto"
+    # Keep a BEST pointer to the checkpoint with the best value of this metric
+    # ("val_loss" or "eval/<metric>", e.g. eval/ted_accuracy); null: no BEST.
+    best_metric: Optional[str] = None
+    best_mode: str = "max"  # max | min
 
 
 @dataclass
@@ -160,6 +164,18 @@ class StepSchedulerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Generation-based task metrics (e.g. CORD tree-edit accuracy) during training."""
+
+    # Generate and score every N steps (and at the end); null: never during training.
+    every_steps: Optional[int] = None
+    # Validation records scored each time (the first N of the split).
+    num_samples: int = 16
+    max_new_tokens: int = 256
+    batch_size: int = 4
+
+
+@dataclass
 class TrackingConfig:
     backend: str = "mlflow"  # mlflow | none
     # null: $MLFLOW_TRACKING_URI, else sqlite:///<outputs>/mlflow.db
@@ -184,6 +200,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     step_scheduler: StepSchedulerConfig = field(default_factory=StepSchedulerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     experiment_name: str = "default"

@@ -35,8 +35,11 @@ def _where(cfg: DictConfig, key: str, pred: Callable[[Any], bool], rule: str) ->
 def world_size() -> int:
     """Processes in this job, from torchrun or SLURM, without importing torch."""
     for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var):
-            return int(os.environ[var])
+        value = os.environ.get(var)
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"config error: environment {var} must be a positive integer (got {value!r})")
+            return int(value)
     return 1
 
 
@@ -45,8 +48,18 @@ def validate_config(cfg: DictConfig) -> None:
     from vlm_sweep.data.formats import RECORD_FORMATS
     from vlm_sweep.models.registry import MODEL_FAMILIES
 
+    from omegaconf.errors import ConfigKeyError
+
+    from vlm_sweep.config.schema import RunConfig
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    try:  # keys added with "+" bypass Hydra's struct check: check them against the schema
+        OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
+    except ConfigKeyError as err:
+        raise ConfigError(f"config error: {err.full_key} is not a known key") from None
     try:
-        OmegaConf.resolve(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
+        OmegaConf.resolve(OmegaConf.create(plain))
     except Exception as err:  # interpolation errors name the key themselves
         raise ConfigError(f"config error: {str(err).splitlines()[0]}") from None
 
@@ -71,7 +84,7 @@ def validate_config(cfg: DictConfig) -> None:
     _where(cfg, "peft.alpha", *positive)
     _where(cfg, "peft.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
 
-    _choice(cfg, "parallel.strategy", ["single", "ddp", "fsdp"])
+    _choice(cfg, "parallel.strategy", ["single", "ddp"])
     _choice(cfg, "parallel.mixed_precision", ["auto", "no", "bf16", "fp16"])
     _choice(cfg, "parallel.backend", [None, "gloo", "nccl"])
     processes = world_size()
@@ -106,6 +119,19 @@ def validate_config(cfg: DictConfig) -> None:
     _check(steps.global_batch_size % per_step == 0, "step_scheduler.global_batch_size",
            f"must be divisible by micro_batch_size x processes = {steps.micro_batch_size} x {processes}",
            steps.global_batch_size)
+
+    _choice(cfg, "checkpoint.best_mode", ["max", "min"])
+    best = cfg.checkpoint.best_metric
+    if best is not None:
+        _check(best == "val_loss" or best.startswith("eval/"), "checkpoint.best_metric",
+               "must be 'val_loss' or 'eval/<metric>'", best)
+    if cfg.eval.every_steps is not None:
+        _where(cfg, "eval.every_steps", *positive)
+    for key in ("eval.num_samples", "eval.max_new_tokens", "eval.batch_size"):
+        _where(cfg, key, *positive)
+    needs_val = cfg.eval.every_steps is not None or best is not None
+    _check(not needs_val or cfg.dataset.val_split is not None, "dataset.val_split",
+           "must name a split when eval.every_steps or checkpoint.best_metric is set", cfg.dataset.val_split)
 
     _choice(cfg, "tracking.backend", ["mlflow", "none"])
     _where(cfg, "tracking.flush_every_steps", *positive)

@@ -47,8 +47,8 @@ class ShardedIndexSampler:
             chunks = [order[i:i + self.group] for i in range(0, len(order), self.group)]
             order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
         pad = (-len(order)) % self.world_size
-        if pad:
-            order = np.concatenate([order, order[:pad]])
+        if pad:  # repeat cyclically so every rank gets the same number of samples
+            order = np.resize(order, len(order) + pad)
         return order[self.rank::self.world_size].tolist()
 
     def __iter__(self) -> Iterator[int]:

@@ -38,6 +38,8 @@ class ModelFamily:
     processor_class: str
     # component -> dotted module paths (see COMPONENT_ORDER).
     components: Dict[str, Tuple[str, ...]]
+    # config.json "model_type" values of this family (to load exported/hub dirs).
+    model_types: Tuple[str, ...] = ()
     # Extra keyword arguments for AutoProcessor.from_pretrained.
     processor_kwargs: Dict[str, object] = field(default_factory=dict)
     supports_video: bool = False
@@ -47,6 +49,7 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
     "gemma3": ModelFamily(
         auto_model_class="AutoModelForImageTextToText",
         processor_class="Gemma3Processor",
+        model_types=("gemma3",),
         components={
             "embeddings": ("model.language_model.embed_tokens",),
             "lm_head": ("lm_head",),
@@ -59,6 +62,7 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
     "qwen2_5_vl": ModelFamily(
         auto_model_class="AutoModelForImageTextToText",
         processor_class="Qwen2_5_VLProcessor",
+        model_types=("qwen2_5_vl",),
         components={
             "embeddings": ("model.language_model.embed_tokens",),
             "lm_head": ("lm_head",),
@@ -78,6 +82,15 @@ def get_family(name: str) -> ModelFamily:
         return MODEL_FAMILIES[name]
     except KeyError:
         raise KeyError(f"unknown model family {name!r}; known: {sorted(MODEL_FAMILIES)}") from None
+
+
+def family_for_model_type(model_type: str) -> str:
+    """The registry family whose model_types include a config.json model_type."""
+    for name, family in MODEL_FAMILIES.items():
+        if model_type in family.model_types:
+            return name
+    raise KeyError(f"no model family for model_type {model_type!r}; known: "
+                   f"{sorted(t for f in MODEL_FAMILIES.values() for t in f.model_types)}")
 
 
 def _under(name: str, path: str) -> bool:

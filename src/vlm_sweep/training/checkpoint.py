@@ -7,6 +7,7 @@ Layout under the run dir::
       step_<N>/
         model/                   # PEFT adapter (PeftModel.from_pretrained) or full HF model,
                                  # plus the processor, so the dir loads on its own
+        consolidated/            # save_consolidated with LoRA: the merged full HF model
         training_state/          # optimizer, scheduler, trainer state, per-rank RNG + data position
         config.yaml              # the composed config (secrets redacted)
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 LATEST = "LATEST"
+BEST = "BEST"
 
 
 class CheckpointError(RuntimeError):
@@ -135,8 +137,9 @@ def save_checkpoint(
     trainer_state: Dict[str, Any],
     config_yaml: str,
     checkpoint_cfg: Any,
+    is_best: bool = False,
 ) -> Path:
-    """Write step_<N> atomically on all ranks; rank 0 moves LATEST and prunes old ones."""
+    """Write step_<N> atomically on all ranks; rank 0 moves LATEST (and BEST) and prunes old ones."""
     name = f"step_{step}"
     final, tmp = root / name, root / f".tmp_{name}"
     rank = accelerator.process_index
@@ -156,6 +159,10 @@ def save_checkpoint(
         torch.save(optimizer_state, state_dir / "optimizer.pt")
         torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
         (tmp / "config.yaml").write_text(config_yaml)
+        if checkpoint_cfg.save_consolidated and hasattr(unwrapped, "peft_config"):
+            from vlm_sweep.export import export_checkpoint
+
+            export_checkpoint(str(tmp), str(tmp / "consolidated"), merge_lora=True)
         (state_dir / "trainer_state.json").write_text(
             json.dumps({**trainer_state, "world_size": accelerator.num_processes}, indent=2))
     accelerator.wait_for_everyone()
@@ -165,16 +172,30 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomic_text(root / LATEST, name + "\n")
+        if is_best:
+            mark_best(root, name)
         prune_checkpoints(root, checkpoint_cfg.keep_last, keep=name)
     accelerator.wait_for_everyone()
     return final
 
 
+def mark_best(root: Path, name: str) -> None:
+    """Point BEST at checkpoint ``name`` (atomically)."""
+    _write_atomic_text(root / BEST, name + "\n")
+
+
+def is_better(value: float, best: Optional[float], mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
 def prune_checkpoints(root: Path, keep_last: int, keep: str) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (and stale temp dirs)."""
+    """Delete all but the newest ``keep_last`` complete checkpoints (never BEST's; stale temp dirs too)."""
     for stale in root.glob(".tmp_step_*"):
         shutil.rmtree(stale, ignore_errors=True)
-    steps = sorted((int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.name != keep)
+    protected = {keep}
+    if (root / BEST).exists():
+        protected.add((root / BEST).read_text().strip())
+    steps = sorted((int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.name not in protected)
     survivors = keep_last - 1
     for _, path in steps[:max(len(steps) - survivors, 0)]:
         shutil.rmtree(path, ignore_errors=True)

@@ -92,7 +92,7 @@ class Trainer:
 
     def __init__(self, *, cfg: Any, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
                  train_loader: Any, val_loader: Any, tracker: Any, run_dir: Path,
-                 save_fn: Any) -> None:
+                 save_fn: Any, processor: Any = None, eval_samples: Optional[List[Any]] = None) -> None:
         self.cfg = cfg
         self.acc = accelerator
         self.model = model
@@ -103,6 +103,11 @@ class Trainer:
         self.tracker = tracker
         self.run_dir = run_dir
         self.save_fn = save_fn
+        self.processor = processor
+        self.eval_samples = eval_samples or []
+        # Steps already in the tracker (a resumed run does not log them twice).
+        self.tracker_logged_through = 0
+        self.stop_signal: Optional[int] = None
         steps = cfg.step_scheduler
         self.accum = steps.global_batch_size // (steps.micro_batch_size * accelerator.num_processes)
         self.step = 0
@@ -185,13 +190,43 @@ class Trainer:
         total_tokens = float(self.acc.reduce(tokens, "sum"))
         return float(self.acc.reduce(loss_sum, "sum")) / total_tokens if total_tokens else None
 
+    def evaluate_generation(self) -> Dict[str, float]:
+        """Generate on the eval records and score them with the task metric (``eval/<name>``)."""
+        from vlm_sweep.evaluation import evaluate_samples
+        from vlm_sweep.generation import SamplingConfig
+
+        ecfg = self.cfg.eval
+        model = self.acc.unwrap_model(self.model)
+        model.eval()
+        with self.acc.autocast():
+            metrics, _ = evaluate_samples(
+                model, self.processor, self.eval_samples, self.cfg.dataset.format,
+                SamplingConfig(max_new_tokens=ecfg.max_new_tokens), batch_size=ecfg.batch_size,
+                rank=self.acc.process_index, world_size=self.acc.num_processes)
+        self.model.train()
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
     # -- the loop -----------------------------------------------------------------------
     def _log(self, metrics: Dict[str, float], step: int) -> None:
         if not self.acc.is_main_process:
             return
-        self.tracker.log_metrics(metrics, step)
+        if step > self.tracker_logged_through:
+            self.tracker.log_metrics(metrics, step)
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def _measure(self, metrics: Dict[str, float], *, val: bool, gen: bool) -> bool:
+        """Add val_loss / eval metrics when due; True if anything was measured."""
+        before = len(metrics)
+        if val:
+            val_loss = self.validate()
+            if val_loss is not None:
+                metrics["val_loss"] = self.history["val_loss"] = val_loss
+        if gen and self.eval_samples:
+            scores = self.evaluate_generation()
+            metrics.update(scores)
+            self.history.update(scores)
+        return len(metrics) > before
 
     def fit(self) -> str:
         """Train to max_steps (or until a stop signal). Returns the final MLflow status."""
@@ -222,23 +257,29 @@ class Trainer:
                     metrics["skipped_records"] = stats.skipped
                 self.history["loss"] = stats.loss
                 self.history.setdefault("first_loss", stats.loss)
-                if self.step % steps.val_every_steps == 0 or self.step == steps.max_steps:
-                    val_loss = self.validate()
-                    if val_loss is not None:
-                        metrics["val_loss"] = self.history["val_loss"] = val_loss
-                if self.step % steps.log_every_steps == 0 or "val_loss" in metrics \
-                        or self.step == steps.max_steps:
+                last = self.step == steps.max_steps
+                stop = self._stop_requested(stopper)
+                save = stop or last or self.step % steps.ckpt_every_steps == 0
+                best = self.cfg.checkpoint.best_metric if save else None
+                every_eval = self.cfg.eval.every_steps
+                measured = self._measure(
+                    metrics,
+                    val=last or self.step % steps.val_every_steps == 0 or best == "val_loss",
+                    gen=bool(every_eval) and (last or self.step % every_eval == 0)
+                    or bool(best and best.startswith("eval/")),
+                )
+                if self.step % steps.log_every_steps == 0 or last or measured:
                     self._log(metrics, self.step)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{metrics['lr']:.2e}")
-                stop = self._stop_requested(stopper)
-                if stop or self.step % steps.ckpt_every_steps == 0 or self.step == steps.max_steps:
-                    self.save_fn(self)
+                if save:
+                    self.save_fn(self, metrics)
                 if stop:
                     log.warning("signal %s received: checkpointed at step %d, exiting", stopper.received,
                                 self.step)
                     status = "KILLED"
+                    self.stop_signal = stopper.received
                     break
         finally:
             stopper.restore()

@@ -1,0 +1,122 @@
+"""Score a checkpoint on a data set split with the task's own metric.
+
+    python -m vlm_sweep.evaluate --checkpoint-path <run|step|model dir|hub id> \\
+        [dataset=cord_v2 dataset.split=test ...] [--max-samples N] [--compare-base]
+
+Hydra-style overrides select the data set (default: the one the checkpoint was trained
+on). Writes ``predictions.jsonl`` (one row per record) and ``summary.json`` to
+``--output-dir`` (default ``<checkpoint>/eval_<dataset>_<split>``) and prints the metrics;
+``--compare-base`` puts the untrained base model's metrics next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_config(overrides: List[str], run_config: Optional[dict]) -> Any:
+    """The composed config; the dataset defaults to the checkpoint's own."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vlm_sweep.config.schema import register_configs
+
+    if run_config and not any(o.startswith("dataset=") for o in overrides):
+        name = run_config["dataset"]["name"]
+        if (CONF_DIR / "dataset" / f"{name}.yaml").exists():
+            overrides = [f"dataset={name}", *overrides]
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def load_eval_samples(dataset_cfg: Any, max_samples: Optional[int]) -> List[Any]:
+    from vlm_sweep.data.datasets import ConversationDataset, load_split
+
+    split = load_split(dataset_cfg, dataset_cfg.split)
+    if max_samples is not None:
+        split = split.select(range(min(max_samples, len(split))))
+    dataset = ConversationDataset(split, dataset_cfg, dataset_cfg.split)
+    return [s for s in (dataset[i] for i in range(len(dataset))) if s is not None]
+
+
+def format_table(results: Dict[str, Dict[str, float]]) -> str:
+    names = list(results)
+    metrics = sorted({m for r in results.values() for m in r})
+    lines = [f"{'metric':<16}" + "".join(f"{n:>14}" for n in names)]
+    lines += [f"{m:<16}" + "".join(f"{results[n].get(m, float('nan')):>14.4f}" for n in names) for m in metrics]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlm_sweep.evaluate", description="Evaluate a checkpoint.")
+    p.add_argument("--checkpoint-path", required=True)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--compare-base", action="store_true", help="also score the untrained base model")
+    args, overrides = p.parse_known_args(argv)
+
+    from vlm_sweep.cli import USER_ERRORS
+    from vlm_sweep.config.validate import validate_config
+    from vlm_sweep.generation import SamplingConfig
+    from vlm_sweep.inference import find_model_dir, load_for_inference
+
+    try:
+        loaded = load_for_inference(args.checkpoint_path)
+        cfg = compose_config(overrides, loaded.run_config)
+        validate_config(cfg)
+        samples = load_eval_samples(cfg.dataset, args.max_samples)
+    except Exception as err:
+        if type(err).__name__ in USER_ERRORS:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+    from vlm_sweep.evaluation import evaluate_samples
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
+    results: Dict[str, Dict[str, float]] = {}
+    rows_by_model: Dict[str, List[dict]] = {}
+    if args.compare_base:
+        if hasattr(loaded.model, "disable_adapter"):
+            with loaded.model.disable_adapter():
+                base = evaluate_samples(loaded.model, loaded.processor, samples, cfg.dataset.format,
+                                        sampling, args.batch_size)
+        else:
+            source = loaded.run_config["model"] if loaded.run_config else None
+            if source is None:
+                print("error: --compare-base needs a checkpoint trained by vlm_sweep", file=sys.stderr)
+                return 2
+            base_loaded = load_for_inference(source["pretrained_model_name_or_path"])
+            base = evaluate_samples(base_loaded.model, base_loaded.processor, samples,
+                                    cfg.dataset.format, sampling, args.batch_size)
+        results["base"], rows_by_model["base"] = base
+    results["fine-tuned"], rows_by_model["fine-tuned"] = evaluate_samples(
+        loaded.model, loaded.processor, samples, cfg.dataset.format, sampling, args.batch_size)
+
+    model_dir, step_dir = find_model_dir(args.checkpoint_path)
+    default_out = (step_dir or model_dir) / f"eval_{cfg.dataset.name}_{cfg.dataset.split}"
+    out = Path(args.output_dir) if args.output_dir else default_out
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as fh:
+        for name, rows in rows_by_model.items():
+            for row in rows:
+                fh.write(json.dumps({"model": name, **row}, ensure_ascii=False) + "\n")
+    summary = {"checkpoint": args.checkpoint_path, "dataset": cfg.dataset.name, "split": cfg.dataset.split,
+               "num_samples": len(samples), "metrics": results}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{cfg.dataset.name}/{cfg.dataset.split}: {len(samples)} records, predictions in {out}")
+    print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
