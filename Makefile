@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Train the default experiment, then score the trained model next to the untrained one.
 demo: install
-	$(PY) launch.py
+	@run_dir=outputs/demo/$$(date +%Y-%m-%d_%H-%M-%S); \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) launch.py hydra.run.dir=$$run_dir && \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m vlm_sweep.evaluate --checkpoint-path $$run_dir --compare-base
 
 test: install
 	$(PY) -m pytest -q

@@ -17,7 +17,7 @@ from conftest import ROOT, compose, run_launch
 from vlm_sweep.train import run
 
 FAST = ["step_scheduler.max_steps=4", "step_scheduler.val_every_steps=2", "step_scheduler.ckpt_every_steps=2",
-        "dataset.max_val_samples=4"]
+        "dataset.max_val_samples=4", "eval=none"]
 
 
 def _losses(run_dir: Path) -> list:
@@ -54,6 +54,9 @@ def test_default_run_trains_checkpoints_and_tracks(tmp_path, mlflow_uri):
     assert mlrun.data.params["model.family"] == "gemma3"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 31))
     assert len(client.get_metric_history(run_id, "val_loss")) == 2
+    # Generation-based task metrics at the end (eval.every_steps=150 > max_steps).
+    assert [m.step for m in client.get_metric_history(run_id, "eval/ted_accuracy")] == [30]
+    assert 0.0 <= client.get_metric_history(run_id, "eval/field_f1")[0].value <= 1.0
     assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
     assert "hf_supersecret_value" not in json.dumps(mlrun.data.params)
     assert "hf_supersecret_value" not in (run_dir / "config.yaml").read_text()
@@ -90,7 +93,7 @@ def test_frozen_parameters_do_not_change(tmp_path, gemma3_dir):
 
 def _first_step(tmp_path: Path, name: str, overrides: list) -> dict:
     cfg = compose(["tracking=none", "peft=none", "freeze=none", "step_scheduler.max_steps=1",
-                   "dataset.val_split=null", "scheduler=constant", "optimizer.max_grad_norm=null",
+                   "dataset.val_split=null", "eval=none", "scheduler=constant", "optimizer.max_grad_norm=null",
                    *overrides])
     run(cfg, tmp_path / name)
     return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
@@ -111,7 +114,7 @@ def test_gradient_accumulation_normalises_by_label_tokens(tmp_path):
 def test_zero_label_step_is_not_nan_and_does_not_move_weights(tmp_path):
     from vlm_sweep.data.collate import IGNORE_INDEX, VLMCollator
 
-    cfg = compose(FAST + ["tracking=none", "peft=none", "freeze=none", "dataset.val_split=null"])
+    cfg = compose(FAST + ["tracking=none", "peft=none", "freeze=none", "dataset.val_split=null", "eval=none"])
     original_call = VLMCollator.__call__
 
     def no_labels(self, samples):
@@ -146,7 +149,7 @@ def test_torchrun_ddp_two_cpu_processes_matches_single_process(tmp_path):
     """2 gloo ranks x micro 2 == 1 process x 2 micro-batches: same samples, same update."""
     common = ["tracking=none", "peft=none", "freeze=none", "step_scheduler.max_steps=2",
               "step_scheduler.global_batch_size=4", "step_scheduler.micro_batch_size=2",
-              "dataset.val_split=null", "scheduler=constant"]
+              "dataset.val_split=null", "eval=none", "scheduler=constant"]
     ddp_dir = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
