@@ -73,6 +73,18 @@ class DatasetConfig:
     # Sort samples of similar length into the same batch to cut padding.
     group_by_length: bool = False
     num_workers: int = 0
+    # Carve a validation split out of train (seeded) when the source has none (e.g. raven).
+    carve_val_fraction: Optional[float] = None
+    # Videos: relative paths in records resolve against this directory.
+    video_root_path: Optional[str] = None
+    # Frames per video, sampled uniformly; or sample at `fps` frames per second instead.
+    num_frames: int = 10
+    fps: Optional[float] = None
+    # Image budgets. Processors that size by pixel count (Qwen) get min/max_pixels;
+    # every image is first shrunk so its longer side is at most max_image_side.
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    max_image_side: Optional[int] = None
 
 
 @dataclass
@@ -101,6 +113,8 @@ class FreezeConfig:
 
     freeze_embeddings: Optional[bool] = None
     freeze_vision_tower: Optional[bool] = None
+    # Megatron Bridge's name for freeze_vision_tower (set one or the other).
+    freeze_vision_model: Optional[bool] = None
     freeze_audio_tower: Optional[bool] = None
     freeze_vision_projection: Optional[bool] = None
     freeze_language_model: Optional[bool] = None

@@ -79,6 +79,16 @@ def validate_config(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) is not None:
             _where(cfg, key, *positive)
 
+    if cfg.dataset.carve_val_fraction is not None:
+        _where(cfg, "dataset.carve_val_fraction", lambda v: 0 < v < 1, "must be in (0, 1)")
+    _where(cfg, "dataset.num_frames", *positive)
+    for key in ("dataset.fps", "dataset.min_pixels", "dataset.max_pixels", "dataset.max_image_side"):
+        if OmegaConf.select(cfg, key) is not None:
+            _where(cfg, key, *positive)
+    tower, model = cfg.freeze.freeze_vision_tower, cfg.freeze.freeze_vision_model
+    _check(tower is None or model is None or tower == model, "freeze.freeze_vision_model",
+           "is another name for freeze.freeze_vision_tower and contradicts it", model)
+
     _choice(cfg, "peft.method", ["none", "lora"])
     _where(cfg, "peft.dim", *positive)
     _where(cfg, "peft.alpha", *positive)

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 FLAG_TO_COMPONENT = {
     "freeze_embeddings": "embeddings",
     "freeze_vision_tower": "vision_tower",
+    "freeze_vision_model": "vision_tower",  # Megatron Bridge's name
     "freeze_audio_tower": "audio_tower",
     "freeze_vision_projection": "vision_projection",
     "freeze_language_model": "language_model",
@@ -35,9 +36,9 @@ def apply_freeze(model: Any, family: ModelFamily, freeze_cfg: Any) -> Dict[str, 
     parameter belongs to exactly one component (see registry.COMPONENT_ORDER).
     """
     decisions = {
-        component: getattr(freeze_cfg, flag)
+        component: getattr(freeze_cfg, flag, None)
         for flag, component in FLAG_TO_COMPONENT.items()
-        if getattr(freeze_cfg, flag) is not None
+        if getattr(freeze_cfg, flag, None) is not None
     }
     # Embeddings and lm_head are part of the language model for the LM-wide flag
     # unless they have a flag of their own.
