@@ -130,7 +130,7 @@ def test_preemption_signal_checkpoints_before_exit(tmp_path, mlflow_uri, sig):
     metrics = run_dir / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc=proc)
     proc.send_signal(sig)
-    assert proc.wait(timeout=120) == 128 + sig
+    assert proc.wait(timeout=120) == -sig  # ends as if killed by the signal, after checkpointing
     last_step = _metrics(run_dir)[-1]["step"]
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == f"step_{last_step}"
     run_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]

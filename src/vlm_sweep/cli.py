@@ -1,10 +1,17 @@
-"""Glue between Hydra's job and the recipe: validation, logging, the closing summary."""
+"""Glue between Hydra's job and the recipe: validation, sweep bookkeeping, the closing summary.
+
+In a sweep (``-m``) a failing job never raises: it records FAILED with its message and log
+path in ``job_status.json`` (and MLflow), so the other jobs finish and the sweep callback
+reports every failure and exits non-zero at the end.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import signal
 import sys
-from pathlib import Path
+import traceback
 from typing import Optional
 
 from omegaconf import DictConfig
@@ -13,13 +20,7 @@ log = logging.getLogger("vlm_sweep")
 
 # Errors whose message is the whole story: print one line, no traceback.
 USER_ERRORS = ("ConfigError", "ModelLoadError", "DatasetLoadError", "BadRecordError",
-               "CheckpointError", "LoraTargetError")
-
-
-def _run_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
+               "CheckpointError", "LoraTargetError", "MediaError")
 
 
 def format_summary(result) -> str:
@@ -37,23 +38,75 @@ def format_summary(result) -> str:
     return "\n".join(lines)
 
 
-def run_job(cfg: DictConfig) -> Optional[float]:
-    """Validate, train, print the summary; user errors exit 2 with one line."""
-    from vlm_sweep.config.validate import validate_config
+def _is_user_error(err: BaseException) -> bool:
+    return type(err).__name__ in USER_ERRORS or str(err).startswith("config error:")
 
+
+def run_job(cfg: DictConfig) -> Optional[float]:
+    """Run one Hydra job; returns the objective (``objective_metric``) for sweepers."""
+    from vlm_sweep.sweep.job import (JobStatus, export_distributed_env, is_main_process, job_context,
+                                     mean_tokens_per_s, read_status, write_status)
+
+    export_distributed_env()
+    ctx = job_context()
+    main = is_main_process()
+    previous = read_status(ctx.run_dir)
+    if ctx.is_multirun and previous and previous["status"] == "FINISHED" \
+            and previous["overrides"] == ctx.overrides:
+        log.info("job %d (%s) already FINISHED: skipped", ctx.job_num, ctx.override_dirname)
+        return previous.get("objective")
+
+    def status(state: str, **extra) -> JobStatus:
+        return JobStatus(status=state, job_num=ctx.job_num, override_dirname=ctx.override_dirname,
+                         overrides=ctx.overrides, log_path=str(ctx.log_path), run_dir=str(ctx.run_dir),
+                         slurm_job_id=ctx.slurm_job_id, **extra)
+
+    if main:
+        write_status(ctx.run_dir, status("RUNNING"))
+    parent = ctx.parent_run
+    run_info = {
+        "parent_run_id": parent["run_id"] if parent else None,
+        "run_name": ctx.override_dirname or None,
+        "tags": {"vlm_sweep.job_num": ctx.job_num, "vlm_sweep.sweep_dir": ctx.sweep_dir,
+                 "vlm_sweep.slurm_job_id": ctx.slurm_job_id},
+    }
     try:
+        from vlm_sweep.config.validate import validate_config
+
         validate_config(cfg)
         from vlm_sweep.train import run
 
-        result = run(cfg, _run_dir())
+        result = run(cfg, ctx.run_dir, run_info=run_info)
     except Exception as err:
-        if type(err).__name__ in USER_ERRORS or str(err).startswith("config error:"):
-            print(f"error: {err}" if not str(err).startswith("config error:") else str(err),
-                  file=sys.stderr)
-            sys.exit(2)
-        raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if main:
+            write_status(ctx.run_dir, status("FAILED", error=f"{type(err).__name__}: {message}"))
+        if _is_user_error(err):
+            print(message if message.startswith("config error:") else f"error: {message}", file=sys.stderr)
+            log.error(message)
+            if not ctx.is_multirun:
+                sys.exit(2)
+        else:
+            log.error("job failed:\n%s", traceback.format_exc())
+            if not ctx.is_multirun:
+                raise
+        return math.nan  # sweepers (Optuna) record a failed trial; the callback reports it
+
+    objective = None
+    if cfg.objective_metric == "loss":
+        objective = result.final_loss
+    else:
+        objective = result.metrics.get(cfg.objective_metric)
+    state = "PREEMPTED" if result.stop_signal else result.status
+    if main:
+        write_status(ctx.run_dir, status(
+            state, step=result.step, final_loss=result.final_loss, val_loss=result.val_loss,
+            metrics={k: v for k, v in result.metrics.items() if k.startswith("eval/")},
+            tokens_per_s=mean_tokens_per_s(ctx.run_dir), objective=objective,
+            mlflow_run_id=result.mlflow_run_id))
     log.info("\n%s", format_summary(result))
     if result.stop_signal:
-        # Preempted: checkpointed and stopped early. Exit like a signalled process would.
-        sys.exit(128 + result.stop_signal)
-    return result.val_loss if result.val_loss is not None else result.final_loss
+        # Preempted: checkpointed. Hand the signal to whoever handled it before us: submitit
+        # requeues the job; a plain process ends as if killed by it.
+        signal.raise_signal(result.stop_signal)
+    return objective

@@ -86,38 +86,76 @@ class NullTracker:
     def finish(self, status: str) -> None: ...
 
 
-class MlflowTracker(NullTracker):
-    """One MLflow run; metrics buffered and flushed in batches."""
+class RetryingClient:
+    """MlflowClient whose calls retry with backoff while an SQLite store is locked.
 
-    def __init__(self, tracking_cfg: Any, output_root: str, run_id: Optional[str] = None) -> None:
+    Concurrent sweep jobs writing one SQLite file hit "database is locked"; a
+    retry loses nothing. (On a cluster prefer ``mlflow server``: tracking.uri=http://...)
+    """
+
+    def __init__(self, uri: str, attempts: int = 12) -> None:
         from mlflow.tracking import MlflowClient
 
+        self._client = MlflowClient(uri)
+        self._attempts = attempts
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            import random
+            import time
+
+            for attempt in range(self._attempts):
+                try:
+                    return method(*args, **kwargs)
+                except Exception as err:
+                    transient = "locked" in str(err) or "busy" in str(err).lower()
+                    if not transient or attempt == self._attempts - 1:
+                        raise
+                    time.sleep(min(0.2 * 2 ** attempt, 5.0) * (0.5 + random.random()))
+        return call
+
+
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    """Get or create an experiment; safe when several jobs create it at once."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
+    except Exception:  # created concurrently by another job
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+class MlflowTracker(NullTracker):
+    """One MLflow run (a child of the sweep's parent run in a sweep); metrics sent in batches."""
+
+    def __init__(self, tracking_cfg: Any, output_root: str, run_id: Optional[str] = None,
+                 parent_run_id: Optional[str] = None, run_name: Optional[str] = None,
+                 tags: Optional[Dict[str, Any]] = None) -> None:
         self.uri = tracking_cfg.uri or default_tracking_uri(output_root)
-        self.client = MlflowClient(self.uri)
+        self.client = RetryingClient(self.uri)
         self.flush_every = tracking_cfg.flush_every_steps
         self._buffer: List[Any] = []
         self._since_flush = 0
         if run_id is None:
-            experiment_id = self._experiment_id(tracking_cfg.experiment_name)
-            tags = {str(k): str(v) for k, v in redact(dict(tracking_cfg.tags)).items()}
-            run_name = redact(tracking_cfg.run_name) if tracking_cfg.run_name else None
-            run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+            exp_id = experiment_id(self.client, tracking_cfg.experiment_name, self.uri)
+            all_tags = {**dict(tracking_cfg.tags), **(tags or {})}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            all_tags = {str(k): str(v) for k, v in redact(all_tags).items() if v is not None}
+            name = tracking_cfg.run_name or run_name
+            run = self.client.create_run(exp_id, run_name=redact(name) if name else None, tags=all_tags)
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
-
-    def _experiment_id(self, name: str) -> str:
-        experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=artifact_location(self.uri))
-        except Exception:  # created concurrently by another job
-            experiment = self.client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-            return experiment.experiment_id
 
     def log_params(self, params: Dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -155,9 +193,12 @@ class MlflowTracker(NullTracker):
         self.client.set_terminated(self.run_id, status=status)
 
 
-def make_tracker(tracking_cfg: Any, output_root: str, is_main: bool,
-                 run_id: Optional[str] = None) -> NullTracker:
-    """The configured tracker on rank 0, a NullTracker elsewhere or when tracking=none."""
+def make_tracker(tracking_cfg: Any, output_root: str, is_main: bool, run_id: Optional[str] = None,
+                 **run_info: Any) -> NullTracker:
+    """The configured tracker on rank 0, a NullTracker elsewhere or when tracking=none.
+
+    ``run_info``: parent_run_id, run_name, tags for a sweep's child run.
+    """
     if not is_main or tracking_cfg.backend == "none":
         return NullTracker()
-    return MlflowTracker(tracking_cfg, output_root, run_id=run_id)
+    return MlflowTracker(tracking_cfg, output_root, run_id=run_id, **run_info)

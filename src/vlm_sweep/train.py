@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -30,6 +30,8 @@ class RunResult:
     mlflow_uri: Optional[str]
     run_dir: str
     stop_signal: Optional[int] = None
+    # The last value of every validation/eval metric (val_loss, eval/ted_accuracy, ...).
+    metrics: Dict[str, float] = field(default_factory=dict)
 
 
 def resolved_config(cfg: DictConfig) -> Dict[str, Any]:
@@ -99,8 +101,11 @@ def _truncate_metrics_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def run(cfg: DictConfig, run_dir: Path) -> RunResult:
-    """Train the configured run inside ``run_dir``; resumes from its checkpoints if present."""
+def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = None) -> RunResult:
+    """Train the configured run inside ``run_dir``; resumes from its checkpoints if present.
+
+    ``run_info`` (parent_run_id, run_name, tags) places the MLflow run inside a sweep.
+    """
     from accelerate.utils import set_seed
 
     from vlm_sweep.data.collate import VLMCollator
@@ -147,7 +152,7 @@ def run(cfg: DictConfig, run_dir: Path) -> RunResult:
     previous_run = json.loads(tracking_file.read_text())["run_id"] if (
         resume_from and tracking_file.exists()) else None
     tracker = make_tracker(cfg.tracking, cfg.paths.output_root, accelerator.is_main_process,
-                           run_id=previous_run)
+                           run_id=previous_run, **(run_info or {}))
     config_data = resolved_config(cfg)
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(config_data))
     if accelerator.is_main_process:
@@ -205,4 +210,5 @@ def run(cfg: DictConfig, run_dir: Path) -> RunResult:
         first_loss=history.get("first_loss"), val_loss=history.get("val_loss"),
         checkpoint=str(last_saved["path"]) if last_saved["path"] else None,
         mlflow_run_id=tracker.run_id, mlflow_uri=tracker.uri, run_dir=str(run_dir),
-        stop_signal=trainer.stop_signal)
+        stop_signal=trainer.stop_signal,
+        metrics={k: v for k, v in history.items() if k == "val_loss" or k.startswith("eval/")})

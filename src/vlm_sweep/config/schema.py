@@ -219,6 +219,8 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     experiment_name: str = "default"
     seed: int = 42
+    # What a job returns to sweepers (Optuna): loss, val_loss or eval/<metric>.
+    objective_metric: str = "val_loss"
 
 
 def register_configs() -> None:

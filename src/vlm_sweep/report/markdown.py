@@ -1,0 +1,108 @@
+"""report.md and the terminal table: one row per job, the best one marked.
+
+The table is aligned plain Markdown so the same text reads well in a terminal and
+renders in MLflow's artifact viewer or on GitHub.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from vlm_sweep.report.model import Job, Sweep, best_job
+
+BEST_MARK = "★"
+MISSING = "n/a"
+ERROR_CHARS = 80
+
+
+def _num(value: Optional[float], fmt: str = ".4f") -> str:
+    return MISSING if value is None else format(value, fmt)
+
+
+def _cell(text: str) -> str:
+    """Table-safe: one line, no column breaks."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def short_error(job: Job) -> str:
+    """What went wrong in a line, with where to read more; empty for a finished job."""
+    if job.status == "FINISHED":
+        return ""
+    error = (job.error or "").strip().splitlines()[0] if (job.error or "").strip() else ""
+    if len(error) > ERROR_CHARS:
+        error = error[:ERROR_CHARS - 1] + "…"
+    log = f"log: `{job.log_path}`" if job.log_path else "no log"
+    return f"{error.replace('`', "'")} ({log})" if error else log
+
+
+def table_rows(sweep: Sweep, metric: str = "val_loss", mode: str = "min") -> List[List[str]]:
+    """Header row then one row per job, cells as strings (best job bold and starred)."""
+    keys, evals = sweep.varying_keys(), sweep.eval_metrics()
+    show_errors = any(job.status != "FINISHED" for job in sweep.jobs)
+    header = (["job", *keys, "overrides", "status", "steps", "final loss", "val_loss", *evals,
+               "tokens/s"] + (["error"] if show_errors else []))
+    best = best_job(sweep.jobs, metric, mode)
+    rows = [header]
+    for job in sweep.jobs:
+        cells = [str(job.job_num), *(job.overrides.get(k, MISSING) for k in keys),
+                 f"`{job.override_dirname}`" if job.override_dirname else MISSING, job.status,
+                 MISSING if job.step is None else str(job.step), _num(job.final_loss),
+                 _num(job.val_loss), *(_num(job.metrics.get(k)) for k in evals),
+                 _num(job.tokens_per_s, ",.0f")] + ([short_error(job)] if show_errors else [])
+        cells = [_cell(c) for c in cells]
+        if job is best:
+            cells[0] = f"{BEST_MARK} {cells[0]}"
+            cells = [f"**{c}**" if c else c for c in cells]
+        rows.append(cells)
+    return rows
+
+
+def render_table(sweep: Sweep, metric: str = "val_loss", mode: str = "min") -> str:
+    """The job table as aligned Markdown (prints readably in a terminal)."""
+    rows = table_rows(sweep, metric, mode)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def best_line(sweep: Sweep, metric: str, mode: str) -> str:
+    """Which job won and by how much, or why none is marked."""
+    best = best_job(sweep.jobs, metric, mode)
+    if best is None:
+        known = ["loss", "val_loss", "tokens_per_s", *sweep.eval_metrics()]
+        return (f"no finished job reports `{metric}`: no best job marked "
+                f"(metrics available: {', '.join(known)})")
+    direction = "lowest" if mode == "min" else "highest"
+    return (f"{BEST_MARK} job {best.job_num} `{best.label}` with {metric} = "
+            f"{best.value(metric):.4f} ({direction} among finished jobs)")
+
+
+def render_report(sweep: Sweep, metric: str, mode: str, plots: Dict[str, str],
+                  notes: Optional[List[str]] = None) -> str:
+    """The whole report.md: header, table, linked plots, failures in full."""
+    counts = ", ".join(f"{n} {status.lower()}" for status, n in sorted(sweep.status_counts().items()))
+    lines = [f"# Sweep report: {sweep.title}", "",
+             f"- source: {sweep.source}",
+             f"- date: {sweep.date}",
+             f"- jobs: {len(sweep.jobs)} ({counts})",
+             f"- ranked by: `{metric}` ({mode}) — {best_line(sweep, metric, mode)}"]
+    fixed = sweep.fixed_overrides()
+    if fixed:
+        lines.append("- same in every job: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items()))
+    if sweep.parent_run_id:
+        lines.append(f"- MLflow parent run: `{sweep.parent_run_id}`")
+    lines += ["", render_table(sweep, metric, mode), ""]
+    for title, filename in plots.items():
+        lines += [f"## {title}", "", f"![{title}]({filename})", ""]
+    for note in notes or []:
+        lines += [f"_{note}_", ""]
+    failed = [job for job in sweep.jobs if job.status != "FINISHED"]
+    if failed:
+        lines += ["## Jobs that did not finish", ""]
+        for job in failed:
+            lines.append(f"- job {job.job_num} `{job.label}`: {job.status}"
+                         + (f" — {' '.join(job.error.split())}" if job.error else "")
+                         + (f"\n  - log: `{job.log_path}`" if job.log_path else ""))
+        lines.append("")
+    return "\n".join(lines)
