@@ -219,8 +219,9 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     experiment_name: str = "default"
     seed: int = 42
-    # What a job returns to sweepers (Optuna): loss, val_loss or eval/<metric>.
+    # What a job returns to sweepers (Optuna) and the report ranks by: loss, val_loss, eval/<metric>.
     objective_metric: str = "val_loss"
+    objective_mode: str = "min"  # min | max
 
 
 def register_configs() -> None:
@@ -231,4 +232,7 @@ def register_configs() -> None:
     """
     from hydra.core.config_store import ConfigStore
 
+    from vlm_sweep.sweep.launchers import register_launcher_schemas
+
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    register_launcher_schemas()

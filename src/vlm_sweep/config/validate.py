@@ -146,3 +146,7 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, "tracking.backend", ["mlflow", "none"])
     _where(cfg, "tracking.flush_every_steps", *positive)
     _where(cfg, "seed", *non_negative)
+    _choice(cfg, "objective_mode", ["min", "max"])
+    objective = cfg.objective_metric
+    _check(objective in ("loss", "val_loss") or objective.startswith("eval/"), "objective_metric",
+           "must be 'loss', 'val_loss' or 'eval/<metric>'", objective)

@@ -31,8 +31,9 @@ def short_error(job: Job) -> str:
     error = (job.error or "").strip().splitlines()[0] if (job.error or "").strip() else ""
     if len(error) > ERROR_CHARS:
         error = error[:ERROR_CHARS - 1] + "…"
+    error = error.replace("`", "'")
     log = f"log: `{job.log_path}`" if job.log_path else "no log"
-    return f"{error.replace('`', "'")} ({log})" if error else log
+    return f"{error} ({log})" if error else log
 
 
 def table_rows(sweep: Sweep, metric: str = "val_loss", mode: str = "min") -> List[List[str]]:

@@ -61,6 +61,7 @@ class Sweep:
     source: str                     # human description: the dir, or experiment + parent run
     date: str
     jobs: List[Job]
+    from_mlflow: bool = False       # read from MLflow (the report then goes to ./report_<parent>)
     sweep_dir: Optional[str] = None
     parent_run_id: Optional[str] = None
     tracking_uri: Optional[str] = None

@@ -270,7 +270,7 @@ def load_mlflow(experiment: Optional[str], tracking_uri: Optional[str] = None,
                  source=f"MLflow experiment `{exp.name}` (id {exp.experiment_id}), "
                         f"parent run `{parent.info.run_id}` at `{uri}`",
                  date=datetime.fromtimestamp(started / 1000).strftime("%Y-%m-%d %H:%M:%S") if started else "n/a",
-                 jobs=jobs, sweep_dir=next((d for d in sweep_dirs if d), None),
+                 jobs=jobs, from_mlflow=True, sweep_dir=next((d for d in sweep_dirs if d), None),
                  parent_run_id=parent.info.run_id, tracking_uri=uri)
 
 

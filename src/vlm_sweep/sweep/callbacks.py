@@ -1,0 +1,87 @@
+"""Hydra callback that gives a sweep its MLflow parent run, its report and its exit code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from vlm_sweep.sweep.job import PARENT_FILE, read_status
+
+log = logging.getLogger(__name__)
+
+
+def job_dirs(sweep_dir: Path) -> List[Path]:
+    """Job dirs of a sweep (numbered subdirs), in job order."""
+    dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()] if sweep_dir.exists() else []
+    return sorted(dirs, key=lambda p: int(p.name))
+
+
+def job_statuses(sweep_dir: Path) -> List[Dict[str, Any]]:
+    """Each job's status; a job that left no status file is UNKNOWN (it never got to write one)."""
+    out = []
+    for path in job_dirs(sweep_dir):
+        status = read_status(path) or {"status": "UNKNOWN", "job_num": int(path.name), "run_dir": str(path),
+                                       "error": "the job left no job_status.json", "log_path": str(path)}
+        out.append(status)
+    return out
+
+
+class SweepCallback(Callback):
+    """on_multirun_start: create (or reuse) the sweep's parent MLflow run.
+    on_multirun_end: write the report, close the parent run, list failures, exit non-zero on any."""
+
+    def __init__(self, metric: str = "val_loss", mode: str = "min") -> None:
+        self.metric = metric
+        self.mode = mode
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if config.tracking.backend != "mlflow":
+            return
+        from vlm_sweep.tracking import RetryingClient, default_tracking_uri, experiment_id
+
+        uri = config.tracking.uri or default_tracking_uri(config.paths.output_root)
+        client = RetryingClient(uri)
+        parent_file = sweep_dir / PARENT_FILE
+        if parent_file.exists():  # the same sweep run again: continue its parent run
+            parent = json.loads(parent_file.read_text())
+            client.update_run(parent["run_id"], status="RUNNING")
+            return
+        exp_id = experiment_id(client, config.tracking.experiment_name, uri)
+        run = client.create_run(exp_id, run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
+                                tags={"vlm_sweep.sweep_dir": str(sweep_dir), "vlm_sweep.role": "sweep"})
+        parent_file.write_text(json.dumps({"run_id": run.info.run_id, "uri": uri, "experiment_id": exp_id}) + "\n")
+        log.info("sweep MLflow parent run %s in %s", run.info.run_id, uri)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        statuses = job_statuses(sweep_dir)
+        failed = [s for s in statuses if s["status"] != "FINISHED"]
+        try:
+            from vlm_sweep.report import render_table, write_report
+
+            report = write_report(str(sweep_dir), metric=self.metric, mode=self.mode)
+            print(render_table(str(sweep_dir), metric=self.metric, mode=self.mode))
+            print(f"sweep report: {report}")
+        except Exception as err:  # a report problem must not hide the jobs' own outcome
+            log.error("could not write the sweep report: %s", err)
+        parent_file = sweep_dir / PARENT_FILE
+        if parent_file.exists():
+            from vlm_sweep.tracking import RetryingClient
+
+            parent = json.loads(parent_file.read_text())
+            RetryingClient(parent["uri"]).set_terminated(parent["run_id"], status="FAILED" if failed else "FINISHED")
+        if failed:
+            lines = [f"{len(failed)} of {len(statuses)} jobs did not finish:"]
+            for s in failed:
+                lines.append(f"  job {s.get('job_num')} ({s.get('override_dirname', '')}) {s['status']}: "
+                             f"{s.get('error') or 'no error message'} -- log: {s.get('log_path')}")
+            print("\n".join(lines), file=sys.stderr)
+            sys.exit(1)
