@@ -73,6 +73,45 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
         },
         supports_video=True,
     ),
+    # Nemotron Nano VL in transformers' native classes (model_type nemotron_h_omni): RADIO vision
+    # model, pixel shuffle + MLP projector, hybrid Mamba2/attention Nemotron-H LM. No "model."
+    # wrapper: the parts hang off the top-level module. Omni checkpoints add an audio branch.
+    "nemotron_vl": ModelFamily(
+        auto_model_class="AutoModelForImageTextToText",
+        processor_class="NemotronH_Omni_Reasoning_V3Processor",
+        model_types=("nemotron_h_omni",),
+        components={
+            "embeddings": ("language_model.model.embeddings",),
+            "lm_head": ("language_model.lm_head",),
+            # Checkpoints whose LM has MTP layers norm the vision features before the projector.
+            "vision_projection": ("multi_modal_projector", "vision_final_layernorm"),
+            "vision_tower": ("vision_model",),
+            "audio_tower": ("audio_tower", "embed_audio"),
+            "language_model": ("language_model",),
+        },
+        # The Nemotron tokenizer has no pad token; pad with <unk> (the LM config's pad id 0),
+        # never with the end-of-turn token, whose labels padding masks would be lost.
+        processor_kwargs={"pad_token": "<unk>"},
+        supports_video=True,
+    ),
+    # nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16 through its hub remote code (trust_remote_code):
+    # its auto_map offers AutoModel/AutoModelForCausalLM only. Module paths as in Megatron
+    # Bridge's HF mapping (vision_model.radio_model.*, mlp1.*, language_model.backbone.*).
+    "nemotron_vl_remote": ModelFamily(
+        auto_model_class="AutoModelForCausalLM",
+        processor_class="NemotronNanoVLV2Processor",
+        model_types=("NemotronH_Nano_VL_V2",),
+        components={
+            "embeddings": ("language_model.backbone.embeddings",),
+            "lm_head": ("language_model.lm_head",),
+            "vision_projection": ("mlp1",),
+            "vision_tower": ("vision_model",),
+            "audio_tower": (),
+            "language_model": ("language_model",),
+        },
+        processor_kwargs={"pad_token": "<unk>"},
+        supports_video=True,
+    ),
 }
 
 

@@ -90,13 +90,18 @@ class SlurmLauncher(_WaitForAll, plugin.SlurmLauncher):
 
 
 def register_launcher_schemas() -> None:
-    """Typed bases for conf/hydra/launcher/*.yaml, pointing at the launchers above."""
+    """Point ``hydra/launcher=submitit_local|submitit_slurm`` at the launchers above.
+
+    The plugin registers these names when its config module is imported (done at the
+    top of this module); storing them again afterwards replaces its targets with ours,
+    keeping its typed schema. conf/hydra/launcher/{local,slurm,slurm_gpu}.yaml build on them.
+    """
     from hydra.core.config_store import ConfigStore
     from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 
     cs = ConfigStore.instance()
-    cs.store(group="hydra/launcher", name="_vlm_submitit_local",
+    cs.store(group="hydra/launcher", name="submitit_local", provider="vlm_sweep",
              node=LocalQueueConf(_target_=f"{__name__}.LocalLauncher"))
-    cs.store(group="hydra/launcher", name="_vlm_submitit_slurm",
-             node=SlurmQueueConf(_target_=f"{__name__}.SlurmLauncher"))
+    cs.store(group="hydra/launcher", name="submitit_slurm", provider="vlm_sweep",
+             node=SlurmQueueConf(_target_=f"{__name__}.SlurmLauncher", max_num_timeout=3))
 

@@ -1,0 +1,285 @@
+"""Sweep report: a fake 3-job sweep dir (one failed) and the same sweep in a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+import yaml
+
+from vlm_sweep.report import ReportError, load_sweep, render_table, table_rows, write_report
+from vlm_sweep.report.model import parse_overrides, split_override_dirname
+from vlm_sweep.tracking import artifact_location, flatten
+
+EXPERIMENT = "tiny_gemma3_synthetic_receipts"
+ERROR = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+# (overrides, status, steps, final val_loss, eval metrics); job 1 has the lowest val_loss,
+# job 0 the highest ted_accuracy; job 2 failed at step 12 before any validation.
+JOBS = [
+    (["model=tiny_gemma3", "optimizer.lr=0.001", "peft=lora"], "FINISHED", 30, 1.5,
+     {"eval/ted_accuracy": 0.40, "eval/field_f1": 0.35}),
+    (["model=tiny_gemma3", "optimizer.lr=0.02", "peft=none"], "FINISHED", 30, 1.2,
+     {"eval/ted_accuracy": 0.25, "eval/field_f1": 0.30}),
+    (["model=tiny_gemma3", "optimizer.lr=0.005", "peft=lora"], "FAILED", 12, None, {}),
+]
+
+
+def _metric_rows(job_num: int, steps: int, with_val: bool, evals: Dict[str, float]) -> List[dict]:
+    rows = []
+    for step in range(1, steps + 1):
+        row = {"step": step, "loss": 7.0 / (1 + 0.2 * step * (job_num + 1)) + 0.8, "lr": 1e-3,
+               "grad_norm": 3.0, "label_tokens": 500, "tokens_per_s": 9000.0 + 100 * job_num,
+               "peak_memory_gb": 1.2}
+        if with_val and step % 10 == 0:
+            row["val_loss"] = 2.0 - 0.05 * step * (job_num + 1) / 3
+        rows.append(row)
+    if with_val:
+        rows[-1].update(evals)
+    return rows
+
+
+def _make_job(sweep_dir: Path, job_num: int, overrides: List[str], status: str, steps: int,
+              val_loss: Optional[float], evals: Dict[str, float], run_id: Optional[str] = None) -> List[dict]:
+    job_dir = sweep_dir / str(job_num)
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    config = {"optimizer": {"lr": float(parse_overrides(overrides)["optimizer.lr"])},
+              "peft": {"method": parse_overrides(overrides)["peft"]}, "model": {"name": "tiny_gemma3"}}
+    (job_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (job_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = _metric_rows(job_num, steps, val_loss is not None, evals)
+    if val_loss is not None:
+        rows[-1]["val_loss"] = val_loss
+    (job_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log_path = job_dir / "launch.log"
+    log_path.write_text("training...\n" + (ERROR + "\n" if status == "FAILED" else ""))
+    (job_dir / "job_status.json").write_text(json.dumps({
+        "status": status, "job_num": job_num, "override_dirname": ",".join(overrides),
+        "overrides": overrides, "error": ERROR if status == "FAILED" else None,
+        "log_path": str(log_path), "step": steps, "final_loss": rows[-1]["loss"],
+        "val_loss": val_loss, "metrics": evals, "tokens_per_s": rows[-1]["tokens_per_s"],
+        "mlflow_run_id": run_id, "slurm_job_id": None, "run_dir": str(job_dir)}))
+    return rows
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "outputs" / EXPERIMENT / "multirun" / "2026-11-25" / "10-20-30"
+    root.mkdir(parents=True)
+    (root / "multirun.yaml").write_text("hydra: {mode: MULTIRUN}\n")
+    for num, (overrides, status, steps, val, evals) in enumerate(JOBS):
+        _make_job(root, num, overrides, status, steps, val, evals)
+    return root
+
+
+@pytest.fixture
+def tracked_sweep(sweep_dir: Path, mlflow_uri: str) -> Dict[str, str]:
+    """The same sweep as an MLflow parent + 3 children, plus runs that must not be picked."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.create_experiment(EXPERIMENT, artifact_location=artifact_location(mlflow_uri))
+    old_parent = client.create_run(exp, run_name="old sweep").info.run_id
+    old_child = client.create_run(exp, tags={"mlflow.parentRunId": old_parent}).info.run_id
+    client.set_terminated(old_child)
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    for num, (overrides, status, _, _, _) in enumerate(JOBS):
+        job_dir = sweep_dir / str(num)
+        rows = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
+        run = client.create_run(exp, run_name=",".join(overrides), tags={
+            "mlflow.parentRunId": parent, "vlm_sweep.job_num": str(num),
+            "vlm_sweep.sweep_dir": str(sweep_dir), "vlm_sweep.slurm_job_id": ""}).info.run_id
+        config = yaml.safe_load((job_dir / "config.yaml").read_text())
+        metrics = [Metric(k, float(v), 1000 + r["step"], r["step"]) for r in rows
+                   for k, v in r.items() if k != "step"]
+        client.log_batch(run, params=[Param(k, v) for k, v in flatten(config).items()])
+        for i in range(0, len(metrics), 500):
+            client.log_batch(run, metrics=metrics[i:i + 500])
+        client.set_terminated(run, status=status)
+    client.set_terminated(parent)
+    client.create_run(exp, run_name="a later single run")  # newest, but not a sweep parent
+    (sweep_dir / "mlflow_parent.json").write_text(
+        json.dumps({"run_id": parent, "uri": mlflow_uri, "experiment_id": exp}))
+    return {"uri": mlflow_uri, "parent": parent, "experiment_id": exp}
+
+
+def _table(report: Path) -> List[List[str]]:
+    """The job table of a report.md as cells (header first, separator dropped)."""
+    lines = [line for line in report.read_text().splitlines() if line.startswith("|")]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines if "---" not in line]
+
+
+def _row(table: List[List[str]], job_num: int) -> Dict[str, str]:
+    for row in table[1:]:
+        if row[0].strip("*★ ") == str(job_num):
+            return dict(zip(table[0], row))
+    raise AssertionError(f"no row for job {job_num}")
+
+
+def _best(table: List[List[str]]) -> List[str]:
+    return [row[0].strip("*★ ") for row in table[1:] if "★" in row[0]]
+
+
+# ---------------------------------------------------------------- sweep dir
+
+
+def test_report_from_sweep_dir(sweep_dir: Path):
+    report = write_report(sweep_dir)
+    assert report == sweep_dir / "report.md"
+    text, table = report.read_text(), _table(report)
+    assert table[0][:4] == ["job", "optimizer.lr", "peft", "overrides"]
+    assert "model" not in table[0], "a key every job shares is not a column"
+    assert {"eval/ted_accuracy", "eval/field_f1", "val_loss", "tokens/s", "error"} <= set(table[0])
+    assert len(table) == 1 + 3
+    assert _best(table) == ["1"]
+    best = _row(table, 1)
+    assert all(cell.startswith("**") for cell in best.values() if cell)
+    assert best["val_loss"] == "**1.2000**" and best["optimizer.lr"] == "**0.02**"
+    failed = _row(table, 2)
+    assert failed["status"] == "FAILED" and failed["steps"] == "12" and failed["val_loss"] == "n/a"
+    assert "CUDA out of memory" in failed["error"]
+    assert str(sweep_dir / "2" / "launch.log") in failed["error"]
+    assert _row(table, 0)["error"] == ""
+    assert f"# Sweep report: {EXPERIMENT}" in text
+    assert "- date: 2026-11-25 10:20:30" in text
+    assert "- jobs: 3 (1 failed, 2 finished)" in text
+    assert "same in every job: `model=tiny_gemma3`" in text
+    assert "![Loss curves](loss_curves.png)" in text and "(metric_vs_hparams.png)" in text
+    assert ERROR in text.split("## Jobs that did not finish")[1]
+
+
+@pytest.mark.parametrize("metric, mode, best", [
+    ("val_loss", "min", "1"), ("val_loss", "max", "0"), ("eval/ted_accuracy", "max", "0"),
+    ("ted_accuracy", "min", "1"), ("loss", "min", "1"), ("tokens_per_s", "max", "1")])
+def test_best_row_follows_metric_and_mode(sweep_dir: Path, metric: str, mode: str, best: str):
+    table = _table(write_report(sweep_dir, metric=metric, mode=mode))
+    assert _best(table) == [best], "the failed job (2) is never the best"
+
+
+def test_plots_are_real_images(sweep_dir: Path):
+    from PIL import Image
+
+    write_report(sweep_dir)
+    for name in ("loss_curves.png", "metric_vs_hparams.png"):
+        with Image.open(sweep_dir / name) as image:
+            image.verify()
+        with Image.open(sweep_dir / name) as image:
+            assert image.format == "PNG"
+            assert image.width >= 600 and image.height >= 300, image.size
+            assert len(set(image.convert("L").getdata())) > 20, "not a blank canvas"
+
+
+def test_job_without_status_file_still_gets_a_row(sweep_dir: Path):
+    (sweep_dir / "2" / "job_status.json").unlink()
+    with open(sweep_dir / "2" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 13, "loss": 1.')  # torn last line of a killed job
+    table = _table(write_report(sweep_dir))
+    row = _row(table, 2)
+    assert row["status"] == "UNKNOWN" and row["steps"] == "12"
+    assert row["optimizer.lr"] == "0.005" and row["overrides"].strip("`") == "model=tiny_gemma3,optimizer.lr=0.005,peft=lora"
+    assert "no job_status.json" in row["error"] and "launch.log" in row["error"]
+
+
+def test_failed_job_with_nothing_logged(sweep_dir: Path):
+    (sweep_dir / "2" / "metrics.jsonl").unlink()
+    status = json.loads((sweep_dir / "2" / "job_status.json").read_text())
+    status.update(step=0, final_loss=None, tokens_per_s=None)
+    (sweep_dir / "2" / "job_status.json").write_text(json.dumps(status))
+    report = write_report(sweep_dir)
+    row = _row(_table(report), 2)
+    assert row["final loss"] == "n/a" and row["tokens/s"] == "n/a" and "CUDA" in row["error"]
+    assert (sweep_dir / "loss_curves.png").exists()
+
+
+def test_no_val_loss_anywhere_marks_no_best(tmp_path: Path):
+    for num, lr in enumerate(["1e-4", "1e-3"]):
+        _make_job(tmp_path, num, [f"optimizer.lr={lr}", "peft=lora"], "FINISHED", 8, None, {})
+    report = write_report(tmp_path)
+    text = report.read_text()
+    assert _best(_table(report)) == []
+    assert "no finished job reports `val_loss`" in text
+    assert not (tmp_path / "metric_vs_hparams.png").exists()
+    assert "no finished job reports val_loss" in text
+    assert _best(_table(write_report(tmp_path, metric="loss"))) == ["1"]
+    assert (tmp_path / "metric_vs_hparams.png").exists()
+
+
+def test_single_job_sweep(tmp_path: Path):
+    _make_job(tmp_path, 0, ["optimizer.lr=0.001", "peft=lora"], "FINISHED", 20, 1.4, {})
+    report = write_report(tmp_path)
+    table = _table(report)
+    assert len(table) == 2 and _best(table) == ["0"]
+    assert table[0][:3] == ["job", "optimizer.lr", "peft"], "one job: its overrides are the columns"
+    assert "error" not in table[0]
+    assert (tmp_path / "metric_vs_hparams.png").exists()
+
+
+def test_override_dirname_split_keeps_bracketed_values():
+    assert split_override_dirname("a=[1,2],b=x,c='p,q'") == ["a=[1,2]", "b=x", "c='p,q'"]
+    assert parse_overrides(["+x.y=1", "~z", "peft=lora"]) == {"x.y": "1", "z": "<deleted>", "peft": "lora"}
+
+
+# ---------------------------------------------------------------- MLflow
+
+
+def test_report_logged_to_parent_run(sweep_dir: Path, tracked_sweep: Dict[str, str]):
+    from mlflow.tracking import MlflowClient
+
+    write_report(sweep_dir)
+    client = MlflowClient(tracked_sweep["uri"])
+    logged = {Path(a.path).name for a in client.list_artifacts(tracked_sweep["parent"], "report")}
+    assert logged == {"report.md", "loss_curves.png", "metric_vs_hparams.png"}
+    assert "MLflow parent run: `%s`" % tracked_sweep["parent"] in (sweep_dir / "report.md").read_text()
+
+
+def test_mlflow_source_matches_sweep_dir(sweep_dir: Path, tracked_sweep: Dict[str, str], tmp_path: Path,
+                                         monkeypatch):
+    from_dir = table_rows(load_sweep(sweep_dir))
+    sweep = load_sweep(EXPERIMENT, tracking_uri=tracked_sweep["uri"])
+    assert sweep.parent_run_id == tracked_sweep["parent"], "the latest run with children"
+    assert table_rows(sweep) == from_dir
+    assert table_rows(load_sweep(tracked_sweep["experiment_id"], tracking_uri=tracked_sweep["uri"])) == from_dir
+    assert [len(job.loss_curve) for job in sweep.jobs] == [30, 30, 12]
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked_sweep["uri"])
+    report = write_report(EXPERIMENT, metric="eval/ted_accuracy", mode="max")
+    assert report == Path(f"report_{tracked_sweep['parent']}") / "report.md"
+    assert _best(_table(report)) == ["0"]
+    assert (report.parent / "loss_curves.png").exists() and (report.parent / "metric_vs_hparams.png").exists()
+
+
+def test_unknown_experiment_is_a_clear_error(tracked_sweep: Dict[str, str]):
+    with pytest.raises(ReportError, match=f"no sweep dir or MLflow experiment named 'nope'.*{EXPERIMENT}"):
+        load_sweep("nope", tracking_uri=tracked_sweep["uri"])
+    with pytest.raises(ReportError, match="no MLflow store"):
+        load_sweep("nope", tracking_uri="sqlite:////nonexistent/mlflow.db")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _cli(*args: str, cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlm_sweep.report", *args], capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+
+
+def test_cli_prints_the_table(sweep_dir: Path, tracked_sweep: Dict[str, str], tmp_path: Path):
+    done = _cli(str(sweep_dir), "--metric", "eval/field_f1", "--mode", "max")
+    assert done.returncode == 0, done.stderr
+    assert render_table(sweep_dir, "eval/field_f1", "max") in done.stdout
+    assert "★ job 0" in done.stdout and f"report: {sweep_dir / 'report.md'}" in done.stdout
+
+    out = tmp_path / "from_mlflow"
+    done = _cli(EXPERIMENT, "--tracking-uri", tracked_sweep["uri"], "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "| job | optimizer.lr" in done.stdout and (out / "report.md").exists()
+
+    done = _cli("nope", "--tracking-uri", tracked_sweep["uri"])
+    assert done.returncode == 2 and "error: no sweep dir or MLflow experiment" in done.stderr
