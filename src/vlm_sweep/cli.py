@@ -7,6 +7,7 @@ reports every failure and exits non-zero at the end.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -80,7 +81,10 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     except Exception as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if main:
-            write_status(ctx.run_dir, status("FAILED", error=f"{type(err).__name__}: {message}"))
+            tracking = ctx.run_dir / "tracking.json"
+            run_id = json.loads(tracking.read_text())["run_id"] if tracking.exists() else None
+            write_status(ctx.run_dir, status("FAILED", error=f"{type(err).__name__}: {message}",
+                                             mlflow_run_id=run_id))
         if _is_user_error(err):
             print(message if message.startswith("config error:") else f"error: {message}", file=sys.stderr)
             log.error(message)

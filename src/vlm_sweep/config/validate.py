@@ -81,10 +81,16 @@ def validate_config(cfg: DictConfig) -> None:
 
     if cfg.dataset.carve_val_fraction is not None:
         _where(cfg, "dataset.carve_val_fraction", lambda v: 0 < v < 1, "must be in (0, 1)")
+        val = cfg.dataset.val_split
+        _check(val is not None and val != cfg.dataset.train_split, "dataset.val_split",
+               "must name the carved split (not null, not dataset.train_split) when carve_val_fraction is set",
+               val)
     _where(cfg, "dataset.num_frames", *positive)
     for key in ("dataset.fps", "dataset.min_pixels", "dataset.max_pixels", "dataset.max_image_side"):
         if OmegaConf.select(cfg, key) is not None:
             _where(cfg, key, *positive)
+    if cfg.dataset.min_pixels is not None and cfg.dataset.max_pixels is not None:
+        _where(cfg, "dataset.max_pixels", lambda v: v >= cfg.dataset.min_pixels, "must be >= dataset.min_pixels")
     tower, model = cfg.freeze.freeze_vision_tower, cfg.freeze.freeze_vision_model
     _check(tower is None or model is None or tower == model, "freeze.freeze_vision_model",
            "is another name for freeze.freeze_vision_tower and contradicts it", model)

@@ -5,6 +5,9 @@ end-of-turn token that closes each assistant turn. The assistant header (e.g.
 Gemma's ``<start_of_turn>model\\n``, Qwen's ``<|im_start|>assistant\\n``) and the
 end-of-turn token are derived ONCE from the processor's own chat template, so no
 family is hard-coded and no per-batch work is spent rediscovering them.
+
+Samples may carry any number of images, videos, or none at all, mixed in one batch;
+pixel budgets and video timing reach the processor through ``MediaKwargs``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from vlm_sweep.data.datasets import BadRecordError, Sample
+from vlm_sweep.data.processor_kwargs import MediaKwargs
 
 IGNORE_INDEX = -100
 _PROBE_Q, _PROBE_A = "Probe question", "Probe answer"
@@ -74,20 +78,24 @@ class AssistantMarkers:
 class VLMCollator:
     """Callable collate_fn: list of Sample (or None for skipped records) -> model batch."""
 
-    def __init__(self, processor: Any, max_length: int, on_bad_record: str = "error") -> None:
+    def __init__(self, processor: Any, max_length: int, on_bad_record: str = "error", *,
+                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None) -> None:
+        """``min_pixels``/``max_pixels``: ``dataset.*``; a ValueError here if the processor cannot take them."""
         self.processor = processor
         self.max_length = max_length
         self.skip_bad = on_bad_record == "skip"
         self.markers = AssistantMarkers.from_processor(processor)
+        self.media_kwargs = MediaKwargs(processor, min_pixels=min_pixels, max_pixels=max_pixels)
 
     def _encode(self, samples: Sequence[Sample]) -> Dict[str, torch.Tensor]:
+        conversations = [s.conversation for s in samples]
         return dict(self.processor.apply_chat_template(
-            [s.conversation for s in samples],
+            conversations,
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
             add_generation_prompt=False,
-            processor_kwargs={"padding": True, "padding_side": "right"},
+            processor_kwargs={"padding": True, "padding_side": "right", **self.media_kwargs(conversations)},
         ))
 
     def labels_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,15 @@
 """Load a split with HF datasets and turn records into conversations lazily.
 
-Records are decoded on access (images stay encoded in the Arrow table), so a
-large data set never sits decoded in memory. A bad record (corrupt image,
-undecodable JSON, empty answer) raises ``BadRecordError`` naming it, or, with
+Records are decoded on access (images stay encoded in the Arrow table, videos are
+decoded from their files when their record is built), so a large data set never
+sits decoded in memory. A bad record (corrupt image, missing video, undecodable
+JSON, empty answer) raises ``BadRecordError`` naming it, or, with
 ``dataset.on_bad_record=skip``, yields ``None`` that the collator drops and counts.
+
+Splits are what the source has, narrowed in two generic steps: rows a format
+declares unusable (``formats.ROW_FILTERS``) are dropped and counted, and when
+``dataset.carve_val_fraction`` is set the validation split is carved out of the
+train split by a seeded permutation (the same rows on every run and in every CLI).
 """
 
 from __future__ import annotations
@@ -11,12 +17,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from vlm_sweep.hub import hub_offline, hub_reachable
-from vlm_sweep.data.formats import RECORD_FORMATS, Conversation, assistant_texts
+from vlm_sweep.data.media import VideoFrames, shrink_image
+from vlm_sweep.data.formats import RECORD_FORMATS, ROW_FILTERS, Conversation, assistant_texts
 
 log = logging.getLogger(__name__)
+
+# Seed of the train/validation carve when the config names none (dataset.carve_seed).
+DEFAULT_CARVE_SEED = 0
+# A local data file is one split, read by the builder for its extension.
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 class BadRecordError(ValueError):
@@ -45,10 +57,38 @@ def ensure_local_data(dataset_cfg: Any) -> None:
 
 
 def load_split(dataset_cfg: Any, split: str) -> Any:
-    """One split as a ``datasets.Dataset`` (hub id or local dir in the same schema)."""
+    """One split as a ``datasets.Dataset`` (hub id, local dir or local file in the same schema).
+
+    With ``dataset.carve_val_fraction`` set, ``val_split`` names the carved rows and
+    ``train_split`` the rest of the source's train split.
+    """
+    if carves(dataset_cfg) and split in (dataset_cfg.train_split, dataset_cfg.val_split):
+        train, val = load_carved_splits(dataset_cfg)
+        return val if split == dataset_cfg.val_split else train
+    return load_source_split(dataset_cfg, split)
+
+
+def carves(dataset_cfg: Any) -> bool:
+    """Whether validation is carved out of the train split."""
+    return bool(dataset_cfg.carve_val_fraction) and dataset_cfg.val_split is not None
+
+
+def load_carved_splits(dataset_cfg: Any) -> Tuple[Any, Any]:
+    """(train, validation) carved from the source's train split, seeded."""
+    source = load_source_split(dataset_cfg, dataset_cfg.train_split)
+    seed = carve_seed(dataset_cfg)
+    train_rows, val_rows = carve_rows(len(source), dataset_cfg.carve_val_fraction, seed)
+    log.info("%s: %d train / %d validation rows carved from %r (seed %d)", dataset_cfg.name,
+             len(train_rows), len(val_rows), dataset_cfg.train_split, seed)
+    return source.select(train_rows), source.select(val_rows)
+
+
+def load_source_split(dataset_cfg: Any, split: str) -> Any:
+    """A split as the source has it, minus the rows its format drops."""
     ensure_local_data(dataset_cfg)
     source = str(dataset_cfg.path)
-    if not Path(source).exists():
+    local = Path(source)
+    if not local.exists():
         if not hub_offline() and not hub_reachable():
             raise DatasetLoadError(
                 f"dataset {source!r} is not a local path and the Hugging Face hub is not reachable; "
@@ -58,11 +98,62 @@ def load_split(dataset_cfg: Any, split: str) -> Any:
     import datasets
 
     try:
-        return datasets.load_dataset(source, name=dataset_cfg.subset, split=split)
+        if local.is_file():
+            builder = FILE_BUILDERS.get(local.suffix.lower())
+            if builder is None:
+                raise ValueError(f"unsupported data file type {local.suffix!r}; use {sorted(FILE_BUILDERS)}")
+            loaded = datasets.load_dataset(builder, data_files={dataset_cfg.train_split: source}, split=split)
+        else:
+            loaded = datasets.load_dataset(source, name=dataset_cfg.subset, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as err:
         raise DatasetLoadError(
             f"could not load split {split!r} of dataset {source!r}: {str(err).splitlines()[0]}"
         ) from err
+    return drop_unusable_rows(loaded, dataset_cfg.format, f"{dataset_cfg.name}/{split}")
+
+
+def drop_unusable_rows(hf_split: Any, record_format: str, where: str) -> Any:
+    """Apply the format's row filter (if any) without decoding media; log how many rows went."""
+    rule = ROW_FILTERS.get(record_format)
+    if rule is None:
+        return hf_split
+    keep: List[bool] = []
+    for batch in hf_split.select_columns(list(rule.columns)).with_format("arrow").iter(batch_size=1000):
+        keep += rule.keep(batch)
+    dropped = len(keep) - sum(keep)
+    if dropped == 0:
+        return hf_split
+    log.warning("%s: dropped %d of %d rows %s", where, dropped, len(keep), rule.reason)
+    return hf_split.select([i for i, ok in enumerate(keep) if ok])
+
+
+def carve_seed(dataset_cfg: Any) -> int:
+    """The carve's seed: ``dataset.carve_seed`` if the config has one, else a fixed default.
+
+    Deliberately not the run seed, so a seed sweep trains and validates on the same rows.
+    """
+    seed = getattr(dataset_cfg, "carve_seed", None)
+    return DEFAULT_CARVE_SEED if seed is None else int(seed)
+
+
+def carve_rows(num_rows: int, fraction: float, seed: int) -> Tuple[List[int], List[int]]:
+    """(train rows, validation rows): a seeded, disjoint split; each side keeps source order."""
+    import numpy as np
+
+    if num_rows < 2:
+        raise DatasetLoadError(f"cannot carve a validation split out of {num_rows} row(s)")
+    num_val = min(max(1, round(num_rows * fraction)), num_rows - 1)
+    order = np.random.default_rng(seed).permutation(num_rows)
+    return sorted(order[num_val:].tolist()), sorted(order[:num_val].tolist())
+
+
+def _shrink_video(frames: Any, max_side: int) -> Any:
+    """Every frame within ``max_side``; the sampling metadata follows the new size."""
+    shrunk = [shrink_image(frame, max_side) for frame in frames]
+    metadata = dict(getattr(frames, "metadata", None) or {})
+    if metadata and shrunk:
+        metadata.update(width=shrunk[0].width, height=shrunk[0].height)
+    return VideoFrames(shrunk, metadata) if metadata else shrunk
 
 
 def _as_rgb(image: Any, where: str) -> Any:
@@ -101,10 +192,13 @@ class ConversationDataset:
             raise
         except (ValueError, KeyError, TypeError) as err:
             raise BadRecordError(f"{where}: {err}") from err
+        max_side = self.cfg.max_image_side
         for turn in conversation:
             for part in turn["content"]:
                 if part.get("type") == "image":
-                    part["image"] = _as_rgb(part["image"], where)
+                    part["image"] = shrink_image(_as_rgb(part["image"], where), max_side)
+                elif part.get("type") == "video" and max_side:
+                    part["video"] = _shrink_video(part["video"], max_side)
         if not any(text.strip() for text in assistant_texts(conversation)):
             raise BadRecordError(f"{where}: empty answer")
         return Sample(record_id=where, conversation=conversation)
@@ -121,28 +215,38 @@ class ConversationDataset:
     def length_hints(self) -> List[int]:
         """Cheap per-record size estimates (text characters) for length grouping.
 
-        Reads only the non-image columns, so no image is decoded.
+        Reads only the columns without media, so no image is decoded.
         """
-        from datasets import Image, Sequence
-
-        text_columns = [
-            name for name, feature in self.hf_split.features.items()
-            if not isinstance(feature, (Image, Sequence, list))
-        ]
+        text_columns = [name for name, feature in self.hf_split.features.items() if not _holds_media(feature)]
         table = self.hf_split.select_columns(text_columns)
         return [sum(len(str(v)) for v in row.values()) for row in table]
 
 
+def _holds_media(feature: Any) -> bool:
+    """Whether a (possibly nested) ``datasets`` feature contains images or videos."""
+    from datasets import Image, Video
+
+    if isinstance(feature, (Image, Video)):
+        return True
+    if isinstance(feature, dict):
+        return any(_holds_media(f) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(_holds_media(f) for f in feature)
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _holds_media(inner)
+
+
 def build_datasets(dataset_cfg: Any) -> Dict[str, ConversationDataset]:
     """Train and (if configured) validation datasets, truncated to max_*_samples."""
+    carved = load_carved_splits(dataset_cfg) if carves(dataset_cfg) else None
     out: Dict[str, ConversationDataset] = {}
-    for role, split, limit in (
+    for position, (role, split, limit) in enumerate((
         ("train", dataset_cfg.train_split, dataset_cfg.max_train_samples),
         ("validation", dataset_cfg.val_split, dataset_cfg.max_val_samples),
-    ):
+    )):
         if split is None:
             continue
-        hf_split = load_split(dataset_cfg, split)
+        hf_split = carved[position] if carved else load_split(dataset_cfg, split)
         if limit is not None:
             hf_split = hf_split.select(range(min(limit, len(hf_split))))
         out[role] = ConversationDataset(hf_split, dataset_cfg, split)

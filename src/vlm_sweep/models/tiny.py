@@ -8,6 +8,7 @@ way the hub repos are laid out, so they load through exactly the code path a hub
 Tokenizers are trained locally (BPE, deterministic corpus) with the same normalizer / pre-tokenizer pipeline the real
 tokenizer class rebuilds on load (``GemmaTokenizer``: SentencePiece-style "▁" + byte fallback; ``Qwen2Tokenizer``:
 byte-level with Qwen's split regex), so a vocab trained here means the same thing after ``from_pretrained``.
+Nemotron's (``PreTrainedTokenizerFast``, in tiny_nemotron.py) is loaded from tokenizer.json as saved.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import random
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -158,10 +159,11 @@ def _corpus(n_lines: int = 4000, seed: int = 0) -> Iterator[str]:
         yield f"{headers[i % len(headers)]}{sentence} {_number(rng)}\n{_cord_answer(rng)}\n"
 
 
-def _train_bpe(tokenizer: Tokenizer, vocab_size: int, **trainer_kwargs) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _train_bpe(tokenizer: Tokenizer, vocab_size: int, corpus: Iterable[str] | None = None,
+               **trainer_kwargs) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Train ``tokenizer``'s BPE model on the corpus; return its (vocab, merges) to re-home in a real class."""
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, **trainer_kwargs)
-    tokenizer.train_from_iterator(_corpus(), trainer)
+    tokenizer.train_from_iterator(_corpus() if corpus is None else corpus, trainer)
     model = json.loads(tokenizer.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     return model["vocab"], merges
@@ -341,9 +343,17 @@ def build_qwen2_5_vl(output_dir: Path) -> None:
     _save(output_dir, model, processor, generation)
 
 
+def build_nemotron_vl(output_dir: Path) -> None:
+    """Nemotron Nano VL (RADIO + projector + hybrid Mamba2/attention LM); the recipe is in tiny_nemotron.py."""
+    from vlm_sweep.models.tiny_nemotron import build_nemotron_vl as build  # imports this module's helpers
+
+    build(output_dir)
+
+
 TINY_RECIPES: dict[str, Callable[[Path], None]] = {
     "gemma3": build_gemma3,
     "qwen2_5_vl": build_qwen2_5_vl,
+    "nemotron_vl": build_nemotron_vl,
 }
 
 

@@ -44,9 +44,9 @@ def log_to_parent_run(sweep: Sweep, files: List[Path]) -> bool:
     if not sweep.parent_run_id or not sweep.tracking_uri:
         return False
     try:
-        from vlm_sweep.report.sources import _client
+        from vlm_sweep.report.sources import mlflow_client
 
-        client = _client(sweep.tracking_uri)
+        client = mlflow_client(sweep.tracking_uri)
         for path in files:
             client.log_artifact(sweep.parent_run_id, str(path), artifact_path="report")
     except Exception as err:  # the report on disk is what matters; MLflow is a copy

@@ -6,11 +6,13 @@ renders in MLflow's artifact viewer or on GitHub.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from vlm_sweep.report.model import Job, Sweep, best_job
 
 BEST_MARK = "★"
+STATUS_ORDER = ["FINISHED", "RUNNING", "PREEMPTED", "KILLED", "FAILED", "UNKNOWN"]
 MISSING = "n/a"
 ERROR_CHARS = 80
 
@@ -24,7 +26,17 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def short_error(job: Job) -> str:
+def _short_path(path: str, sweep_dir: Optional[str]) -> str:
+    """A log path relative to the sweep dir (``2/launch.log``) keeps the table narrow."""
+    if sweep_dir:
+        try:
+            return str(Path(path).resolve().relative_to(Path(sweep_dir).resolve()))
+        except ValueError:
+            pass
+    return path
+
+
+def short_error(job: Job, sweep_dir: Optional[str] = None) -> str:
     """What went wrong in a line, with where to read more; empty for a finished job."""
     if job.status == "FINISHED":
         return ""
@@ -32,7 +44,7 @@ def short_error(job: Job) -> str:
     if len(error) > ERROR_CHARS:
         error = error[:ERROR_CHARS - 1] + "…"
     error = error.replace("`", "'")
-    log = f"log: `{job.log_path}`" if job.log_path else "no log"
+    log = f"log: `{_short_path(job.log_path, sweep_dir)}`" if job.log_path else "no log"
     return f"{error} ({log})" if error else log
 
 
@@ -49,7 +61,7 @@ def table_rows(sweep: Sweep, metric: str = "val_loss", mode: str = "min") -> Lis
                  f"`{job.override_dirname}`" if job.override_dirname else MISSING, job.status,
                  MISSING if job.step is None else str(job.step), _num(job.final_loss),
                  _num(job.val_loss), *(_num(job.metrics.get(k)) for k in evals),
-                 _num(job.tokens_per_s, ",.0f")] + ([short_error(job)] if show_errors else [])
+                 _num(job.tokens_per_s, ",.0f")] + ([short_error(job, sweep.sweep_dir)] if show_errors else [])
         cells = [_cell(c) for c in cells]
         if job is best:
             cells[0] = f"{BEST_MARK} {cells[0]}"
@@ -82,7 +94,9 @@ def best_line(sweep: Sweep, metric: str, mode: str) -> str:
 def render_report(sweep: Sweep, metric: str, mode: str, plots: Dict[str, str],
                   notes: Optional[List[str]] = None) -> str:
     """The whole report.md: header, table, linked plots, failures in full."""
-    counts = ", ".join(f"{n} {status.lower()}" for status, n in sorted(sweep.status_counts().items()))
+    order = {status: i for i, status in enumerate(STATUS_ORDER)}
+    counts = ", ".join(f"{n} {status.lower()}" for status, n in
+                       sorted(sweep.status_counts().items(), key=lambda kv: (order.get(kv[0], 99), kv[0])))
     lines = [f"# Sweep report: {sweep.title}", "",
              f"- source: {sweep.source}",
              f"- date: {sweep.date}",

@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from vlm_sweep.report.model import BASE_METRICS, Job, Sweep, best_job
+from vlm_sweep.report.model import BASE_METRICS, Job, Sweep, best_job, split_override_dirname
 
 LEGEND_WIDTH = 42  # characters per legend line: long override dirnames wrap at commas
 
@@ -35,8 +35,11 @@ def job_colors(jobs: Sequence[Job]) -> Dict[int, Any]:
             for i, job in enumerate(jobs)}
 
 
-def _legend_label(job: Job, best: Optional[Job]) -> str:
-    text = f"{'★ ' if job is best else ''}{job.job_num}: {job.label.replace(',', ', ')}"
+def _legend_label(job: Job, best: Optional[Job], fixed: Dict[str, str]) -> str:
+    """``★ 3: lr=.., peft=..`` with the overrides every job shares left out (the title has them)."""
+    pieces = [p for p in split_override_dirname(job.override_dirname)
+              if p.partition("=")[0].lstrip("+~") not in fixed]
+    text = f"{'★ ' if job is best else ''}{job.job_num}: {', '.join(pieces) or job.label}"
     if job.status != "FINISHED":
         text += f" [{job.status}]"
     return textwrap.fill(text, LEGEND_WIDTH, subsequent_indent="   ")
@@ -51,32 +54,39 @@ def plot_loss_curves(sweep: Sweep, path: Path, metric: str = "val_loss", mode: s
     from matplotlib.lines import Line2D
 
     colors, best = job_colors(sweep.jobs), best_job(sweep.jobs, metric, mode)
-    fig, ax = plt.subplots(figsize=(11, 5.5))
+    fixed = sweep.fixed_overrides()
+    labels = {job.job_num: _legend_label(job, best, fixed) for job in jobs}
+    legend_lines = sum(label.count("\n") + 1.3 for label in labels.values())
+    fig, ax = plt.subplots(figsize=(11, max(5.5, 0.16 * legend_lines + 1.2)))  # room for the legend
     values: List[float] = []
     for job in jobs:
         color, width = colors[job.job_num], 2.6 if job is best else 1.5
         if job.loss_curve:
             steps, losses = zip(*job.loss_curve)
-            ax.plot(steps, losses, color=color, lw=width, alpha=0.9, label=_legend_label(job, best))
+            ax.plot(steps, losses, color=color, lw=width, alpha=0.9, label=labels[job.job_num])
             values += losses
         if job.val_curve:
             steps, vals = zip(*job.val_curve)
             ax.plot(steps, vals, color=color, lw=width * 0.8, ls="--", marker="o", ms=5,
-                    label=None if job.loss_curve else _legend_label(job, best))
+                    label=None if job.loss_curve else labels[job.job_num])
             values += vals
     positive = [v for v in values if v > 0]
     if positive and len(positive) == len(values) and max(positive) / min(positive) > 20:
         ax.set_yscale("log")
-    ax.set(xlabel="step", ylabel="loss", title=f"Loss curves: {sweep.title} ({len(jobs)} jobs)")
+    title = f"Loss curves: {sweep.title} ({len(jobs)} job{'' if len(jobs) == 1 else 's'})"
+    if fixed:
+        title += "\nsame in every job: " + ", ".join(f"{k}={v}" for k, v in fixed.items())
+    ax.set(xlabel="step", ylabel="loss", title=title)
     ax.grid(True, alpha=0.3)
-    job_legend = ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="job: overrides",
-                           fontsize=8 if len(jobs) > 8 else 9, frameon=False)
-    if any(job.val_curve for job in jobs):
-        ax.add_artist(job_legend)
+    if any(job.val_curve for job in jobs):  # a style key; drawn first, the job legend is the main one
         styles = [Line2D([], [], color="0.3", lw=1.5, label="train loss"),
                   Line2D([], [], color="0.3", lw=1.2, ls="--", marker="o", ms=5, label="val_loss")]
-        ax.legend(handles=styles, loc="upper right", fontsize=9)
-    silent = [str(job.job_num) for job in sweep.jobs if job not in jobs]
+        ax.add_artist(ax.legend(handles=styles, loc="upper right", fontsize=9))
+    # Outside the axes on the right: long override lists never cover a curve.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="job: overrides",
+              fontsize=8 if len(jobs) > 8 else 9, frameon=False, alignment="left")
+    plotted = {job.job_num for job in jobs}
+    silent = [str(job.job_num) for job in sweep.jobs if job.job_num not in plotted]
     if silent:
         fig.text(0.01, 0.01, f"no loss logged by job(s) {', '.join(silent)}", fontsize=8, color="0.4")
     return _save(fig, path)
@@ -125,8 +135,9 @@ def _draw_key(ax: Any, key: str, points: List[Tuple[Job, float]], colors: Dict[i
             ax.set_xlim(ticks[0] / 2, ticks[0] * 2)
         ax.set_xlabel(key + (" (log scale)" if log_x else ""))
     else:
-        categories = sorted({str(v) for v in raw})
-        base = [float(categories.index(str(v))) for v in raw]
+        names = ["n/a" if v is None else str(v) for v in raw]  # a job may lack an override
+        categories = sorted(set(names))
+        base = [float(categories.index(name)) for name in names]
         xs = [x + d for x, d in zip(base, _spread(base, 0.3))]
         ax.set_xticks(range(len(categories)), categories,
                       rotation=20 if max(map(len, categories)) > 8 else 0,
@@ -138,6 +149,7 @@ def _draw_key(ax: Any, key: str, points: List[Tuple[Job, float]], colors: Dict[i
         ax.scatter([x], [y], s=220 if star else 60, marker="*" if star else "o", zorder=3,
                    color=colors[job.job_num], edgecolors="black" if star else "none")
         ax.annotate(str(job.job_num), (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+    ax.margins(x=0.12, y=0.15)
     ax.set_title(key)
     ax.grid(True, alpha=0.3)
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///outputs/mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
-MISSING_STATUS = "no job_status.json: the job crashed or was cancelled before writing it (or is still running)"
+MISSING_STATUS = "no job_status.json: crashed or cancelled before the end (or still running)"
 
 
 class ReportError(Exception):
@@ -174,7 +174,8 @@ def resolve_tracking_uri(tracking_uri: Optional[str]) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def _client(uri: str) -> Any:
+def mlflow_client(uri: str) -> Any:
+    """A client for an existing store (a missing SQLite file is an error, not a new empty store)."""
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
@@ -242,9 +243,15 @@ def load_mlflow(experiment: Optional[str], tracking_uri: Optional[str] = None,
                 parent_run_id: Optional[str] = None) -> Sweep:
     """The given parent run, or the most recent run of ``experiment`` that has child runs."""
     uri = resolve_tracking_uri(tracking_uri)
-    client = _client(uri)
+    try:
+        client = mlflow_client(uri)
+    except ReportError as err:
+        raise ReportError(f"{experiment!r} is not a sweep dir, and {err}") if experiment else err
     if parent_run_id:
-        parent = client.get_run(parent_run_id)
+        try:
+            parent = client.get_run(parent_run_id)
+        except Exception as err:  # MlflowException: unknown run id
+            raise ReportError(f"no MLflow run {parent_run_id} at {uri}: {err}") from err
         exp = client.get_experiment(parent.info.experiment_id)
         children = _all_runs(client, exp.experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
     else:

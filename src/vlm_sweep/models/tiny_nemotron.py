@@ -1,0 +1,181 @@
+"""Tiny Nemotron Nano VL: transformers' native ``nemotron_h_omni`` classes with Nemotron Nano V2's text side.
+
+The model is ``NemotronH_Omni_Reasoning_V3`` (RADIO vision model -> pixel shuffle -> MLP projector -> hybrid
+Mamba2/attention Nemotron-H LM), the architecture of NVIDIA-Nemotron-Nano-12B-v2-VL. Its tokenizer and chat template
+follow the hub model's, since they decide label masking and stopping: ``<SPECIAL_10>System`` / ``<SPECIAL_11>User`` /
+``<SPECIAL_11>Assistant`` turns closed by ``\\n<SPECIAL_12>\\n``, ``<think>`` tags opening the final answer, ``<s>``
+added in front, no pad token, and ``<image>`` / ``<video>`` placeholders that the processor expands into
+``<img><image>...</img>`` runs. Mamba runs on the PyTorch path: mamba_ssm / causal_conv1d are not needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    GenerationConfig,
+    NemotronH_Omni_Reasoning_V3,
+    NemotronH_Omni_Reasoning_V3_Config,
+    NemotronH_Omni_Reasoning_V3ImageProcessor,
+    NemotronH_Omni_Reasoning_V3Processor,
+    NemotronH_Omni_Reasoning_V3VideoProcessor,
+    NemotronHConfig,
+    ParakeetFeatureExtractor,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    RadioConfig,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from vlm_sweep.models.tiny import EMBED_STD, _corpus, _init_model, _pretrained_like_embeddings, _save, _train_bpe
+
+# Nemotron Nano V2's chat template, reduced to what a VLM conversation uses (no tools). Multimodal content lists render
+# as <image>/<video> placeholders, one per line, before the text.
+NEMOTRON_VL_CHAT_TEMPLATE = """
+{%- macro render(content) -%}
+    {%- if content is string -%}{{ content }}
+    {%- else -%}
+        {%- for item in content -%}
+            {%- if item['type'] == 'image' -%}{{ '<image>\n' }}
+            {%- elif item['type'] == 'video' -%}{{ '<video>\n' }}
+            {%- elif item['type'] == 'text' -%}{{ item['text'] }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- set ns = namespace(enable_thinking=true, last_turn_assistant_content='') -%}
+{%- for message in messages -%}
+    {%- set content = render(message['content']) -%}
+    {%- if message['role'] == 'user' or message['role'] == 'system' -%}
+        {%- if '/think' in content -%}{%- set ns.enable_thinking = true -%}
+        {%- elif '/no_think' in content -%}{%- set ns.enable_thinking = false -%}
+        {%- endif -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if messages[0]['role'] == 'system' -%}
+    {{- '<SPECIAL_10>System\n' + render(messages[0]['content']).replace('/think', '').replace('/no_think', '').strip() -}}
+    {%- set messages = messages[1:] -%}
+{%- else -%}
+    {{- '<SPECIAL_10>System\n' -}}
+{%- endif -%}
+{{- '\n' -}}
+{%- if messages and messages[-1]['role'] == 'assistant' -%}
+    {%- set ns.last_turn_assistant_content = render(messages[-1]['content']).strip() -%}
+    {%- set messages = messages[:-1] -%}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- set content = render(message['content']) -%}
+    {%- if message['role'] == 'user' -%}
+        {{- '<SPECIAL_11>User\n' + content.replace('/think', '').replace('/no_think', '').strip() + '\n' -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {%- if '</think>' in content -%}{%- set content = content.split('</think>')[1] -%}{%- endif -%}
+        {{- '<SPECIAL_11>Assistant\n' + content.strip() + '\n<SPECIAL_12>\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- set think = '<think>\n' if ns.enable_thinking else '<think></think>' -%}
+{%- if add_generation_prompt -%}
+    {{- '<SPECIAL_11>Assistant\n' + think + ns.last_turn_assistant_content -}}
+{%- elif ns.last_turn_assistant_content -%}
+    {{- '<SPECIAL_11>Assistant\n' + think + ns.last_turn_assistant_content + '\n<SPECIAL_12>\n' -}}
+{%- endif -%}
+"""
+
+# Ids 0-19 are reserved specials, as in Nemotron-H's vocabulary (real: 0-999); 10/11/12 open the system turn, open
+# user/assistant turns and end a turn. The multimodal tokens follow the learned vocabulary, as in the VL model.
+NEMOTRON_SPECIALS = ["<unk>", "<s>", "</s>"] + [f"<SPECIAL_{i}>" for i in range(3, 20)]
+NEMOTRON_THINK = ["<think>", "</think>"]
+NEMOTRON_MEDIA = ["<image>", "<img>", "</img>", "<video>"]
+# Mistral-NeMo ("tekken") style split: letter runs, single digits, punctuation runs, newline runs.
+NEMOTRON_PRETOKENIZE_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _nemotron_corpus() -> Iterator[str]:
+    """The shared corpus plus Nemotron's turn headers, so 'System' / 'User' / 'Assistant' are single tokens."""
+    for i, line in enumerate(_corpus()):
+        yield f"{('System', 'User', 'Assistant')[i % 3]}\n{line}"
+
+
+def _nemotron_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with Nemotron-H's split regex, adding ``<s>`` in front like the hub tokenizer.
+
+    Training also isolates '\\n', so no merge ever glues a newline to text: the answer's last token and the
+    template's closing newline stay separate tokens whatever the answer ends with.
+    """
+    split = pre_tokenizers.Split(Regex(NEMOTRON_PRETOKENIZE_REGEX), behavior="isolated")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), split, byte_level])
+    learned, merges = _train_bpe(trainer_tok, vocab_size=2000, corpus=_nemotron_corpus(),
+                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokens = NEMOTRON_SPECIALS + [t for t, _ in sorted(learned.items(), key=lambda kv: kv[1])]
+    tokens += NEMOTRON_THINK + NEMOTRON_MEDIA
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in NEMOTRON_SPECIALS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NEMOTRON_THINK])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in NEMOTRON_MEDIA])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<SPECIAL_12>", unk_token="<unk>",
+        model_max_length=131072, chat_template=NEMOTRON_VL_CHAT_TEMPLATE,
+    )
+
+
+def _pretrained_like_projector(model: PreTrainedModel) -> None:
+    """Embeddings at a trained scale, and a projector whose image tokens land at that scale too.
+
+    At the default 0.02 init the two-layer projector shrinks RADIO features to ~1/50 of a text embedding: images
+    would barely reach the LM and the vision model would get almost no gradient, unlike a trained checkpoint.
+    """
+    _pretrained_like_embeddings(model)
+    projector = model.multi_modal_projector
+    projector.linear_1.weight.normal_(std=projector.linear_1.in_features ** -0.5)
+    # relu2 of a unit normal has rms ~1.2; scale the second layer so outputs have std ~EMBED_STD.
+    projector.linear_2.weight.normal_(std=EMBED_STD / (1.2 * projector.linear_2.in_features ** 0.5))
+
+
+def build_nemotron_vl(output_dir: Path) -> None:
+    """Nemotron Nano VL: RADIO (2 layers) + projector + Nemotron-H "M-*-" (Mamba2, MLP, attention, MLP).
+
+    A 64x64 image is 4x4 RADIO patches of 16 px -> 2x2 after pixel shuffle = 4 image tokens; images are capped at
+    64 patches (16 tokens), video frames target 16 patches and pack 2 frames per tubelet.
+    """
+    tokenizer = _nemotron_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in NEMOTRON_SPECIALS + NEMOTRON_MEDIA}
+    text_config = NemotronHConfig(
+        vocab_size=len(tokenizer), hidden_size=64, layers_block_type=["linear_attention", "mlp", "full_attention",
+                                                                       "mlp"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+        mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=64,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+        pad_token_id=ids["<unk>"], bos_token_id=ids["<s>"], eos_token_id=ids["<SPECIAL_12>"],
+    )
+    vision_config = RadioConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4.0, patch_size=16, image_size=64,
+        max_img_size=256, num_cls_tokens=2, num_registers=2, video_temporal_patch_size=2,
+    )
+    config = NemotronH_Omni_Reasoning_V3_Config(
+        vision_config=vision_config, text_config=text_config, vision_hidden_size=32, projector_hidden_size=64,
+        downsample_ratio=0.5, video_temporal_patch_size=2,
+        image_token_id=ids["<image>"], video_token_id=ids["<video>"],
+    )
+    model = _init_model(NemotronH_Omni_Reasoning_V3, config, _pretrained_like_projector)
+    processor = NemotronH_Omni_Reasoning_V3Processor(
+        image_processor=NemotronH_Omni_Reasoning_V3ImageProcessor(min_num_patches=16, max_num_patches=64),
+        video_processor=NemotronH_Omni_Reasoning_V3VideoProcessor(
+            norm_mean=list(OPENAI_CLIP_MEAN), norm_std=list(OPENAI_CLIP_STD), video_target_num_patches=16),
+        tokenizer=tokenizer,
+        feature_extractor=ParakeetFeatureExtractor(),  # the class requires its audio part; no audio tower here
+        chat_template=NEMOTRON_VL_CHAT_TEMPLATE,
+    )
+    generation = GenerationConfig(bos_token_id=ids["<s>"], pad_token_id=ids["<unk>"],
+                                  eos_token_id=[ids["</s>"], ids["<SPECIAL_12>"]])
+    _save(output_dir, model, processor, generation)
