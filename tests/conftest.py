@@ -70,3 +70,10 @@ def run_launch(args: List[str], cwd: Path = ROOT, env: dict | None = None, timeo
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def skip_or_fail_without_slurm(reason: str) -> None:
+    """Skip a SLURM test with its reason; in CI (VLM_SWEEP_REQUIRE_SLURM=1) fail instead."""
+    if os.environ.get("VLM_SWEEP_REQUIRE_SLURM") == "1":
+        pytest.fail(f"SLURM is required here (VLM_SWEEP_REQUIRE_SLURM=1) but {reason}")
+    pytest.skip(reason)

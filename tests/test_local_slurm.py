@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import skip_or_fail_without_slurm
+
 pytestmark = pytest.mark.slurm
 
 STATE_DIR = Path(os.environ.get("LOCAL_SLURM_DIR", "/tmp/vlm_sweep_slurm"))
@@ -62,19 +64,19 @@ def _controller_refuses(conf: str | None) -> bool:
 def slurm_cluster():
     """Skip unless a cluster answers; make SLURM_CONF point at it for this module."""
     if shutil.which("sinfo") is None:
-        pytest.skip(f"sinfo is not on PATH (no SLURM client installed); {UP_HINT}")
+        skip_or_fail_without_slurm(f"sinfo is not on PATH (no SLURM client installed); {UP_HINT}")
     with pytest.MonkeyPatch.context() as mp:
         conf = STATE_DIR / "etc" / "slurm.conf"
         if not os.environ.get("SLURM_CONF") and conf.exists():
             mp.setenv("SLURM_CONF", str(conf))
         if _controller_refuses(os.environ.get("SLURM_CONF")):
-            pytest.skip(f"the SLURM cluster is not up (nothing listens on its slurmctld port); {UP_HINT}")
+            skip_or_fail_without_slurm(f"the SLURM cluster is not up (nothing listens on its slurmctld port); {UP_HINT}")
         try:
             proc = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True, timeout=15)
         except subprocess.TimeoutExpired:
-            pytest.skip(f"the SLURM cluster does not answer (sinfo timed out); {UP_HINT}")
+            skip_or_fail_without_slurm(f"the SLURM cluster does not answer (sinfo timed out); {UP_HINT}")
         if proc.returncode != 0 or not proc.stdout.strip():
-            pytest.skip(f"the SLURM cluster is not up (sinfo: {proc.stderr.strip() or 'no partitions'}); {UP_HINT}")
+            skip_or_fail_without_slurm(f"the SLURM cluster is not up (sinfo: {proc.stderr.strip() or 'no partitions'}); {UP_HINT}")
         yield proc.stdout.strip()
 
 

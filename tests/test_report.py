@@ -133,7 +133,7 @@ def test_report_from_sweep_dir(sweep_dir: Path):
     report = write_report(sweep_dir)
     assert report == sweep_dir / "report.md"
     text, table = report.read_text(), _table(report)
-    assert table[0][:4] == ["job", "optimizer.lr", "peft", "overrides"]
+    assert table[0][:4] == ["job", "optimizer.lr", "peft", "status"] and table[0][-2:] == ["overrides", "error"]
     assert "model" not in table[0], "a key every job shares is not a column"
     assert {"eval/ted_accuracy", "eval/field_f1", "val_loss", "tokens/s", "error"} <= set(table[0])
     assert len(table) == 1 + 3

@@ -101,10 +101,15 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         objective = result.final_loss
     else:
         objective = result.metrics.get(cfg.objective_metric)
-    state = "PREEMPTED" if result.stop_signal else result.status
+    state, error = result.status, None
+    if result.stop_signal:
+        name = signal.Signals(result.stop_signal).name
+        state = "PREEMPTED" if result.stop_signal == signal.SIGUSR2 else "KILLED"
+        error = (f"stopped by {name} at step {result.step} after checkpointing; run the same command "
+                 f"again to resume")
     if main:
         write_status(ctx.run_dir, status(
-            state, step=result.step, final_loss=result.final_loss, val_loss=result.val_loss,
+            state, error=error, step=result.step, final_loss=result.final_loss, val_loss=result.val_loss,
             metrics={k: v for k, v in result.metrics.items() if k.startswith("eval/")},
             tokens_per_s=mean_tokens_per_s(ctx.run_dir), objective=objective,
             mlflow_run_id=result.mlflow_run_id))

@@ -129,13 +129,16 @@ def _nemotron_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _pretrained_like_projector(model: PreTrainedModel) -> None:
-    """Embeddings at a trained scale, and a projector whose image tokens land at that scale too.
+def _pretrained_like(model: PreTrainedModel) -> None:
+    """Embeddings and LM head at a trained scale, and a projector whose image tokens land at that scale too.
 
-    At the default 0.02 init the two-layer projector shrinks RADIO features to ~1/50 of a text embedding: images
-    would barely reach the LM and the vision model would get almost no gradient, unlike a trained checkpoint.
+    The wrapper exposes no output embeddings, so the LM head is reached through the language model: left at 0.02 the
+    logits would be flat (loss = ln(vocab)) and LoRA would barely move them. At the default init the two-layer
+    projector shrinks RADIO features to ~1/50 of a text embedding: images would barely reach the LM and the vision
+    model would get almost no gradient, unlike a trained checkpoint.
     """
     _pretrained_like_embeddings(model)
+    model.language_model.get_output_embeddings().weight.normal_(std=EMBED_STD)
     projector = model.multi_modal_projector
     projector.linear_1.weight.normal_(std=projector.linear_1.in_features ** -0.5)
     # relu2 of a unit normal has rms ~1.2; scale the second layer so outputs have std ~EMBED_STD.
@@ -167,7 +170,7 @@ def build_nemotron_vl(output_dir: Path) -> None:
         downsample_ratio=0.5, video_temporal_patch_size=2,
         image_token_id=ids["<image>"], video_token_id=ids["<video>"],
     )
-    model = _init_model(NemotronH_Omni_Reasoning_V3, config, _pretrained_like_projector)
+    model = _init_model(NemotronH_Omni_Reasoning_V3, config, _pretrained_like)
     processor = NemotronH_Omni_Reasoning_V3Processor(
         image_processor=NemotronH_Omni_Reasoning_V3ImageProcessor(min_num_patches=16, max_num_patches=64),
         video_processor=NemotronH_Omni_Reasoning_V3VideoProcessor(

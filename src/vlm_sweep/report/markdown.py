@@ -52,16 +52,18 @@ def table_rows(sweep: Sweep, metric: str = "val_loss", mode: str = "min") -> Lis
     """Header row then one row per job, cells as strings (best job bold and starred)."""
     keys, evals = sweep.varying_keys(), sweep.eval_metrics()
     show_errors = any(job.status != "FINISHED" for job in sweep.jobs)
-    header = (["job", *keys, "overrides", "status", "steps", "final loss", "val_loss", *evals,
-               "tokens/s"] + (["error"] if show_errors else []))
+    # The full override dirname goes last but one: long, and the varying keys already say it.
+    header = (["job", *keys, "status", "steps", "final loss", "val_loss", *evals, "tokens/s",
+               "overrides"] + (["error"] if show_errors else []))
     best = best_job(sweep.jobs, metric, mode)
     rows = [header]
     for job in sweep.jobs:
-        cells = [str(job.job_num), *(job.overrides.get(k, MISSING) for k in keys),
-                 f"`{job.override_dirname}`" if job.override_dirname else MISSING, job.status,
+        cells = [str(job.job_num), *(job.overrides.get(k, MISSING) for k in keys), job.status,
                  MISSING if job.step is None else str(job.step), _num(job.final_loss),
                  _num(job.val_loss), *(_num(job.metrics.get(k)) for k in evals),
-                 _num(job.tokens_per_s, ",.0f")] + ([short_error(job, sweep.sweep_dir)] if show_errors else [])
+                 _num(job.tokens_per_s, ",.0f"),
+                 f"`{job.override_dirname}`" if job.override_dirname else MISSING]
+        cells += [short_error(job, sweep.sweep_dir)] if show_errors else []
         cells = [_cell(c) for c in cells]
         if job is best:
             cells[0] = f"{BEST_MARK} {cells[0]}"
@@ -87,7 +89,7 @@ def best_line(sweep: Sweep, metric: str, mode: str) -> str:
         return (f"no finished job reports `{metric}`: no best job marked "
                 f"(metrics available: {', '.join(known)})")
     direction = "lowest" if mode == "min" else "highest"
-    return (f"{BEST_MARK} job {best.job_num} `{best.label}` with {metric} = "
+    return (f"{BEST_MARK} job {best.job_num} `{sweep.short_label(best)}` with {metric} = "
             f"{best.value(metric):.4f} ({direction} among finished jobs)")
 
 

@@ -7,6 +7,7 @@ so the table, the plots and the best-job choice are computed once, the same way.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -76,12 +77,23 @@ class Sweep:
         return [k for k in keys if len({job.overrides.get(k) for job in self.jobs}) > 1]
 
     def fixed_overrides(self) -> Dict[str, str]:
-        """Overrides every job shares: worth a header line, not a column."""
+        """Overrides every job shares: worth a header line, not a column.
+
+        Keys Hydra leaves out of ``override_dirname`` (tracking.uri, ...) are left out here too.
+        """
         if len(self.jobs) <= 1:
             return {}
         varying = set(self.varying_keys())
-        first = self.jobs[0].overrides
-        return {k: v for k, v in first.items() if k not in varying}
+        first = self.jobs[0]
+        named = {_key(p) for p in split_override_dirname(first.override_dirname)}
+        return {k: v for k, v in first.overrides.items()
+                if k not in varying and (k in named or not first.override_dirname)}
+
+    def short_label(self, job: Job) -> str:
+        """The job's override dirname without the overrides every job shares."""
+        fixed = self.fixed_overrides()
+        pieces = [p for p in split_override_dirname(job.override_dirname) if _key(p) not in fixed]
+        return ",".join(pieces) or job.label
 
     def eval_metrics(self) -> List[str]:
         """Every eval metric any job reports, sorted for a stable column order."""
@@ -134,15 +146,21 @@ def split_override_dirname(dirname: str) -> List[str]:
     return out
 
 
+def _key(override: str) -> str:
+    return override.partition("=")[0].strip().lstrip("+~")
+
+
 def parse_overrides(lines: Sequence[str]) -> Dict[str, str]:
-    """{"optimizer.lr": "1e-3", "peft": "lora"} from Hydra override strings (``+``/``++``/``~`` kept off the key)."""
+    """{"optimizer.lr": "1e-3", "peft": "lora"} from Hydra override strings.
+
+    ``+``/``++``/``~`` are kept off the key; Hydra's escapes (``sqlite\\:///``) off the value.
+    """
     out: Dict[str, str] = {}
     for line in lines:
-        line = str(line).strip()
-        key, sep, value = line.partition("=")
-        key = key.lstrip("+~")
+        _, sep, value = str(line).strip().partition("=")
+        key = _key(str(line))
         if key:
-            out[key] = value if sep else "<deleted>"
+            out[key] = re.sub(r"\\(.)", r"\1", value) if sep else "<deleted>"
     return out
 
 

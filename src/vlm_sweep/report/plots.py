@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from vlm_sweep.report.model import BASE_METRICS, Job, Sweep, best_job, split_override_dirname
+from vlm_sweep.report.model import BASE_METRICS, Job, Sweep, best_job
 
 LEGEND_WIDTH = 42  # characters per legend line: long override dirnames wrap at commas
 
@@ -35,11 +35,9 @@ def job_colors(jobs: Sequence[Job]) -> Dict[int, Any]:
             for i, job in enumerate(jobs)}
 
 
-def _legend_label(job: Job, best: Optional[Job], fixed: Dict[str, str]) -> str:
+def _legend_label(sweep: Sweep, job: Job, best: Optional[Job]) -> str:
     """``★ 3: lr=.., peft=..`` with the overrides every job shares left out (the title has them)."""
-    pieces = [p for p in split_override_dirname(job.override_dirname)
-              if p.partition("=")[0].lstrip("+~") not in fixed]
-    text = f"{'★ ' if job is best else ''}{job.job_num}: {', '.join(pieces) or job.label}"
+    text = f"{'★ ' if job is best else ''}{job.job_num}: {sweep.short_label(job).replace(',', ', ')}"
     if job.status != "FINISHED":
         text += f" [{job.status}]"
     return textwrap.fill(text, LEGEND_WIDTH, subsequent_indent="   ")
@@ -55,7 +53,7 @@ def plot_loss_curves(sweep: Sweep, path: Path, metric: str = "val_loss", mode: s
 
     colors, best = job_colors(sweep.jobs), best_job(sweep.jobs, metric, mode)
     fixed = sweep.fixed_overrides()
-    labels = {job.job_num: _legend_label(job, best, fixed) for job in jobs}
+    labels = {job.job_num: _legend_label(sweep, job, best) for job in jobs}
     legend_lines = sum(label.count("\n") + 1.3 for label in labels.values())
     fig, ax = plt.subplots(figsize=(11, max(5.5, 0.16 * legend_lines + 1.2)))  # room for the legend
     values: List[float] = []
@@ -73,10 +71,12 @@ def plot_loss_curves(sweep: Sweep, path: Path, metric: str = "val_loss", mode: s
     positive = [v for v in values if v > 0]
     if positive and len(positive) == len(values) and max(positive) / min(positive) > 20:
         ax.set_yscale("log")
-    title = f"Loss curves: {sweep.title} ({len(jobs)} job{'' if len(jobs) == 1 else 's'})"
-    if fixed:
-        title += "\nsame in every job: " + ", ".join(f"{k}={v}" for k, v in fixed.items())
-    ax.set(xlabel="step", ylabel="loss", title=title)
+    title = [f"Loss curves: {sweep.title} ({len(jobs)} job{'' if len(jobs) == 1 else 's'})"]
+    if fixed:  # wrapped and capped: a long list of fixed overrides must not widen the figure
+        shared = "same in every job: " + ", ".join(f"{k}={v}" for k, v in fixed.items())
+        title += textwrap.wrap(textwrap.shorten(shared, 300, placeholder=" …"), 110)
+    ax.set(xlabel="step", ylabel="loss")
+    ax.set_title("\n".join(title), fontsize=10)
     ax.grid(True, alpha=0.3)
     if any(job.val_curve for job in jobs):  # a style key; drawn first, the job legend is the main one
         styles = [Line2D([], [], color="0.3", lw=1.5, label="train loss"),
@@ -139,16 +139,17 @@ def _draw_key(ax: Any, key: str, points: List[Tuple[Job, float]], colors: Dict[i
         categories = sorted(set(names))
         base = [float(categories.index(name)) for name in names]
         xs = [x + d for x, d in zip(base, _spread(base, 0.3))]
-        ax.set_xticks(range(len(categories)), categories,
-                      rotation=20 if max(map(len, categories)) > 8 else 0,
-                      ha="right" if max(map(len, categories)) > 8 else "center")
+        long_names = max(map(len, categories)) > 8
+        ax.set_xticks(range(len(categories)), categories, rotation=20 if long_names else 0,
+                      ha="right" if long_names else "center", rotation_mode="anchor")
         ax.set_xlim(-0.6, len(categories) - 0.4)
         ax.set_xlabel(key)
     for (job, y), x in zip(points, xs):
         star = job is best
         ax.scatter([x], [y], s=220 if star else 60, marker="*" if star else "o", zorder=3,
                    color=colors[job.job_num], edgecolors="black" if star else "none")
-        ax.annotate(str(job.job_num), (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+        ax.annotate(str(job.job_num), (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8,
+                    zorder=4, bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
     ax.margins(x=0.12, y=0.15)
     ax.set_title(key)
     ax.grid(True, alpha=0.3)
@@ -176,7 +177,7 @@ def plot_metric_vs_hparams(sweep: Sweep, path: Path, metric: str = "val_loss",
     for row in axes:
         row[0].set_ylabel(label)
     better = "lower" if mode == "min" else "higher"
-    fig.suptitle(f"{label} by swept hyperparameter ({better} is better; ★ best; numbers = job)",
+    fig.suptitle(f"{label} by swept hyperparameter\n({better} is better; ★ = best job; numbers = job)",
                  fontsize=11)
     return _save(fig, path)
 

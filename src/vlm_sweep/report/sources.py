@@ -136,11 +136,13 @@ def load_job_dir(job_dir: Path) -> Job:
 
 
 def _sweep_date(sweep_dir: Path) -> str:
-    """``<date>/<time>`` from Hydra's sweep path, else the dir's modification time."""
+    """``<date>/<time>`` from Hydra's sweep path, else when multirun.yaml was written (sweep start)."""
     day, clock = sweep_dir.parent.name, sweep_dir.name
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) and re.fullmatch(r"\d{2}-\d{2}-\d{2}", clock):
         return f"{day} {clock.replace('-', ':')}"
-    return datetime.fromtimestamp(sweep_dir.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+    started = sweep_dir / "multirun.yaml"
+    mtime = (started if started.exists() else sweep_dir).stat().st_mtime
+    return datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _display_path(path: Path) -> str:
