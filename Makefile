@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps hydra-optuna-sweeper==1.3.0   # see pyproject.toml (optuna pin)
 	touch $(STAMP)
 
 # Train the default experiment, then score the trained model next to the untrained one.

@@ -35,8 +35,7 @@ MAMBA, ATTENTION, MLP = ("in_proj", "out_proj"), ("q_proj", "k_proj", "v_proj", 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
     """One intra-op thread, as in test_tiny_models: tiny ops only lose to thread hand-offs on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads, _ = torch.get_num_threads(), torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
@@ -94,15 +93,30 @@ def test_loads_through_auto_classes_with_nemotron_specials(nemotron_dir, plain, 
     assert model.config.image_token_id == processor.image_token_id == tok.convert_tokens_to_ids("<image>")
     assert model.generation_config.eos_token_id == [2, 12]
     assert framework[1].tokenizer.pad_token == tok.convert_ids_to_tokens(model.config.text_config.pad_token_id)
-
-
-def test_hybrid_lm_runs_mamba_on_the_torch_path(plain):
-    model, _ = plain
+    # Hybrid LM: Mamba2, MLP, attention, MLP; Mamba on the PyTorch path (no kernels installed here).
     assert model.config.text_config.hybrid_override_pattern == "M-*-"
     mixers = {type(layer.mixer).__name__ for layer in model.language_model.model.layers}
-    assert {"NemotronHMamba2Mixer", "NemotronHAttention", "NemotronHMLP"} == mixers
+    assert mixers == {"NemotronHMamba2Mixer", "NemotronHAttention", "NemotronHMLP"}
     assert type(model.vision_model).__name__ == "RadioModel"
     assert importlib.util.find_spec("mamba_ssm") is None and importlib.util.find_spec("causal_conv1d") is None
+
+
+def test_tokenizer_round_trips_and_keeps_newlines_apart(plain):
+    """The answer's last token and the template's closing newline never fuse, so label spans are exact."""
+    tok = plain[1].tokenizer
+    text = "<s_menu><s_nm>ICE TEA 2</s_nm><s_price>12,000</s_price><sep/></s_menu>\n Ünïcode 한국어 €"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text and 2000 <= len(tok) <= 4096
+    assert all("\n" not in piece or set(piece) == {"\n"} for piece in map(tok.decode, range(len(tok))))
+    head = tok.encode("<SPECIAL_11>Assistant\n<think>\n", add_special_tokens=False)
+    for answer in ["Hello", *ANSWERS, "12,500", " x", "Total: 3.50"]:
+        assert tok.encode(f"<SPECIAL_11>Assistant\n<think>\n{answer}", add_special_tokens=False)[:len(head)] == head
+
+
+def test_fresh_builds_are_identical(nemotron_dir, tmp_path):
+    again = build_tiny_model("nemotron_vl", tmp_path / "again")
+    for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json",
+                 "processor_config.json", "generation_config.json", "model.safetensors"]:
+        assert (again / name).read_bytes() == (nemotron_dir / name).read_bytes(), name
 
 
 def test_chat_template_has_nemotron_nano_v2_form(plain):
@@ -128,7 +142,7 @@ def test_image_batch_expands_to_img_runs(plain):
     assert "<img><image><image><image><image></img>\nDescribe" in text
 
 
-def test_forward_backward_is_finite_fast_and_reaches_the_vision_model(plain):
+def test_forward_backward_is_finite_fast_and_images_reach_the_logits(plain):
     model, processor = plain
     batch = _batch(processor)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
@@ -137,8 +151,7 @@ def test_forward_backward_is_finite_fast_and_reaches_the_vision_model(plain):
     for _ in range(3):
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
+        (loss := model(**batch, labels=labels).loss).backward()
         timings.append(time.perf_counter() - start)
     model.eval()
     assert torch.isfinite(loss) and loss.item() > 0
@@ -146,13 +159,8 @@ def test_forward_backward_is_finite_fast_and_reaches_the_vision_model(plain):
                   if n.startswith(("vision_model.", "multi_modal_projector.")) and "video_patch" not in n}
     assert all(g is not None for g in image_path.values()) and all(g.abs().sum() > 0 for g in image_path.values())
     assert min(timings) < 0.5, f"forward+backward took {min(timings):.3f}s"
-
-
-def test_image_changes_the_logits(plain):
-    model, processor = plain
-    batch = _batch(processor)
     per_image = batch["pixel_values"].split(batch["image_grid_hw"].prod(-1).tolist())
-    swapped = dict(batch, pixel_values=torch.cat(per_image[::-1]))
+    swapped = dict(batch, pixel_values=torch.cat(per_image[::-1]))  # as in a trained model, images matter
     with torch.no_grad():
         assert not torch.allclose(model(**batch).logits[:, -3:], model(**swapped).logits[:, -3:])
 
@@ -271,14 +279,11 @@ def test_guide_setting_b_lora_everywhere_base_frozen():
 
 
 # ------------------------------------------------------------------------------------------------ labels (collate)
-def _labelled_runs(labels_row: torch.Tensor) -> list:
-    runs, current = [], []
-    for value in labels_row.tolist() + [IGNORE_INDEX]:
-        if value == IGNORE_INDEX:
-            runs, current = (runs + [current] if current else runs), []
-        else:
-            current.append(value)
-    return runs
+def _labelled(labels_row: torch.Tensor) -> list:
+    """The labelled ids of a row, checked to form one contiguous run."""
+    at = (labels_row != IGNORE_INDEX).nonzero().flatten().tolist()
+    assert at and at == list(range(at[0], at[-1] + 1))
+    return labels_row[at].tolist()
 
 
 def _collate(processor, answers):
@@ -292,8 +297,7 @@ def test_labels_cover_the_answer_and_nothing_of_the_prompt(framework):
     tok = processor.tokenizer
     assert tok.decode(list(collator.markers.header_ids)) == "<SPECIAL_11>Assistant\n<think>\n"
     for row, answer in zip(batch["labels"], ANSWERS):
-        runs = _labelled_runs(row)
-        assert len(runs) == 1 and tok.decode(runs[0], skip_special_tokens=True).strip() == answer
+        assert tok.decode(_labelled(row), skip_special_tokens=True).strip() == answer
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
     assert not (batch["labels"] == tok.convert_tokens_to_ids("<image>")).any()
 
@@ -309,18 +313,13 @@ def test_labels_run_through_the_end_of_turn_token(framework):
     end = processor.tokenizer.convert_tokens_to_ids("<SPECIAL_12>")
     assert collator.markers.end_id == end
     for row, answer in zip(batch["labels"], answers):
-        runs = _labelled_runs(row)
-        assert len(runs) == 1 and runs[0][-1] == end
-        assert processor.tokenizer.decode(runs[0][:-1]) == answer + "\n"
+        ids = _labelled(row)
+        assert ids[-1] == end and processor.tokenizer.decode(ids[:-1]) == answer + "\n"
 
 
 # ------------------------------------------------------------------------------- train, resume, generate, export
 TRAIN = ["model=tiny_nemotron_vl", "tracking=none", "eval=none", "peft=lora", "freeze=lora_lm_train_vision",
          "step_scheduler.ckpt_every_steps=2", "dataset.max_val_samples=2", "checkpoint.keep_last=5"]
-
-
-def _metrics(run_dir: Path) -> list:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -331,10 +330,11 @@ def nemotron_run(tmp_path_factory, receipts_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("nemotron_run")
     first = run(compose(TRAIN + ["step_scheduler.max_steps=4"]), run_dir)
     assert first.status == "FINISHED" and first.step == 4
-    before = _metrics(run_dir)
+    metrics = lambda: [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]  # noqa
+    before = metrics()
     second = run(compose(TRAIN + ["step_scheduler.max_steps=6"]), run_dir)
     assert second.status == "FINISHED" and second.step == 6
-    after = _metrics(run_dir)
+    after = metrics()
     assert [r["step"] for r in before] == [1, 2, 3, 4] and [r["step"] for r in after] == list(range(1, 7))
     assert after[:4] == before  # the resumed run continued; it did not start over
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step_6"
@@ -342,28 +342,21 @@ def nemotron_run(tmp_path_factory, receipts_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def receipt(tmp_path_factory, receipts_dir) -> Path:
+def media(tmp_path_factory, receipts_dir) -> tuple:
+    """(a test-split receipt png, a 12-frame 64x64 mp4 written with PyAV)."""
+    import av
     from datasets import load_dataset
 
-    path = tmp_path_factory.mktemp("img") / "receipt.png"
-    load_dataset(str(receipts_dir), split="test")[0]["image"].save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory) -> Path:
-    """A 12-frame 64x64 mp4 written with PyAV."""
-    import av
-
-    path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    with av.open(str(path), "w") as container:
+    root = tmp_path_factory.mktemp("media")
+    load_dataset(str(receipts_dir), split="test")[0]["image"].save(root / "receipt.png")
+    with av.open(str(root / "clip.mp4"), "w") as container:
         stream = container.add_stream("mpeg4", rate=6)
         stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
         for i in range(12):
             frame = np.full((64, 64, 3), (20 * i, 90, 200 - 10 * i), dtype=np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
-    return path
+    return root / "receipt.png", root / "clip.mp4"
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -374,15 +367,19 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_generate_cli_with_image_and_video(nemotron_run, receipt, clip):
+def test_generate_cli_with_image_and_video(nemotron_run, media, tmp_path):
     common = ["--checkpoint-path", str(nemotron_run), "--max-new-tokens", "12"]
-    image = _cli("vlm_sweep.generate", *common, "--image", str(receipt)).stdout
-    assert image.strip() and image == _cli("vlm_sweep.generate", *common, "--image", str(receipt)).stdout
-    assert _cli("vlm_sweep.generate", *common, "--video", str(clip), "--num-frames", "4").stdout.strip()
+    image = _cli("vlm_sweep.generate", *common, "--image", str(media[0])).stdout
+    assert image.strip() and image == _cli("vlm_sweep.generate", *common, "--image", str(media[0])).stdout
+    assert _cli("vlm_sweep.generate", *common, "--video", str(media[1]), "--num-frames", "4").stdout.strip()
+    merged = tmp_path / "merged"  # the merged export answers exactly like the checkpoint
+    _cli("vlm_sweep.export", "--checkpoint", str(nemotron_run), "--output", str(merged), "--merge-lora")
+    assert _cli("vlm_sweep.generate", "--checkpoint-path", str(merged), *common[2:], "--image", str(media[0])).stdout \
+        == image
 
 
 @pytest.mark.slow
-def test_merged_export_matches_the_framework_model(nemotron_run, receipt, tmp_path):
+def test_merged_export_matches_the_framework_model(nemotron_run, media, tmp_path):
     from vlm_sweep.inference import load_for_inference
 
     out = tmp_path / "merged"
@@ -392,7 +389,7 @@ def test_merged_export_matches_the_framework_model(nemotron_run, receipt, tmp_pa
     assert type(plain).__name__ == "NemotronH_Omni_Reasoning_V3" and processor.tokenizer.pad_token == "<unk>"
     framework = load_for_inference(str(nemotron_run))
     assert hasattr(framework.model, "peft_config")  # adapter applied, not merged
-    conv = [{"role": "user", "content": [{"type": "image", "image": Image.open(receipt).convert("RGB")},
+    conv = [{"role": "user", "content": [{"type": "image", "image": Image.open(media[0]).convert("RGB")},
                                          {"type": "text", "text": "Describe this image."}]},
             {"role": "assistant", "content": [{"type": "text", "text": "<s_total>1</s_total>"}]}]
     batch = processor.apply_chat_template([conv], tokenize=True, return_dict=True, return_tensors="pt")

@@ -175,3 +175,25 @@ def test_submitit_job_with_two_tasks_trains_ddp(tmp_path):
     assert read(sweep / "0") == pytest.approx(read(single), rel=1e-4)
     assert json.loads((sweep / "0" / "checkpoints" / "step_2" / "training_state" /
                        "trainer_state.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_optuna_search_optimises_the_objective_and_resumes_its_study(tmp_path):
+    import optuna
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hparams_search=optuna", f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2",
+            "tracking=none", *TINY]
+    proc = run_launch(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Best value" in proc.stdout + proc.stderr
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    study = optuna.load_study(study_name="tiny_gemma3_synthetic_receipts", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2
+    # Each trial's value is the job's val_loss.
+    statuses = [json.loads((d / "job_status.json").read_text()) for d in sorted(sweep.glob("[0-9]*_*"))]
+    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(s["val_loss"] for s in statuses))
+    assert run_launch(args).returncode == 0  # the same command again continues the study
+    study = optuna.load_study(study_name="tiny_gemma3_synthetic_receipts", storage=storage)
+    assert len(study.trials) == 4 and len(list(sweep.glob("[0-9]*_*"))) == 4
+    assert "★" in (sweep / "report.md").read_text()

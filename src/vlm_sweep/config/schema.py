@@ -232,7 +232,12 @@ def register_configs() -> None:
     """
     from hydra.core.config_store import ConfigStore
 
+    from omegaconf import OmegaConf
+
     from vlm_sweep.sweep.launchers import register_launcher_schemas
 
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     register_launcher_schemas()
+    if not OmegaConf.has_resolver("optuna_direction"):
+        OmegaConf.register_new_resolver(
+            "optuna_direction", lambda mode: {"min": "minimize", "max": "maximize"}[mode])

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
+from vlm_sweep.sweep.job import job_dirs as list_job_dirs
 from vlm_sweep.report.model import (Curve, Job, Sweep, mean, parse_overrides,
                                     split_override_dirname)
 
@@ -113,7 +114,7 @@ def load_job_dir(job_dir: Path) -> Job:
     tracking = _read_json(job_dir / "tracking.json") or {}
     speed = mean([r["tokens_per_s"] for r in rows if _float(r.get("tokens_per_s")) is not None])
     job = Job(
-        job_num=status["job_num"] if isinstance(status.get("job_num"), int) else int(job_dir.name),
+        job_num=status["job_num"] if isinstance(status.get("job_num"), int) else int(job_dir.name.split("_")[0]),
         override_dirname=_override_dirname(job_dir, status, overrides),
         overrides=overrides,
         status=str(status.get("status") or "UNKNOWN"),
@@ -155,8 +156,7 @@ def _display_path(path: Path) -> str:
 def load_sweep_dir(sweep_dir: Path, tracking_uri: Optional[str] = None) -> Sweep:
     """A Hydra multirun dir: one numbered subdir per job, mlflow_parent.json if tracked."""
     sweep_dir = Path(sweep_dir)
-    job_dirs = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()),
-                      key=lambda d: int(d.name))
+    job_dirs = list_job_dirs(sweep_dir)
     if not job_dirs:
         raise ReportError(f"{sweep_dir} has no job dirs (0/, 1/, ...): is it a Hydra multirun dir?")
     parent = _read_json(sweep_dir / "mlflow_parent.json") or {}

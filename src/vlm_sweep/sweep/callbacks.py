@@ -11,22 +11,17 @@ from typing import Any, Dict, List
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from vlm_sweep.sweep.job import PARENT_FILE, read_status
+from vlm_sweep.sweep.job import PARENT_FILE, job_dirs, read_status
 
 log = logging.getLogger(__name__)
-
-
-def job_dirs(sweep_dir: Path) -> List[Path]:
-    """Job dirs of a sweep (numbered subdirs), in job order."""
-    dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()] if sweep_dir.exists() else []
-    return sorted(dirs, key=lambda p: int(p.name))
 
 
 def job_statuses(sweep_dir: Path) -> List[Dict[str, Any]]:
     """Each job's status; a job that left no status file is UNKNOWN (it never got to write one)."""
     out = []
     for path in job_dirs(sweep_dir):
-        status = read_status(path) or {"status": "UNKNOWN", "job_num": int(path.name), "run_dir": str(path),
+        status = read_status(path) or {"status": "UNKNOWN", "job_num": int(path.name.split("_")[0]),
+                                       "run_dir": str(path),
                                        "error": "the job left no job_status.json", "log_path": str(path)}
         out.append(status)
     return out
@@ -65,10 +60,11 @@ class SweepCallback(Callback):
         statuses = job_statuses(sweep_dir)
         failed = [s for s in statuses if s["status"] != "FINISHED"]
         try:
-            from vlm_sweep.report import render_table, write_report
+            from vlm_sweep.report import load_sweep, render_table, write_report
 
-            report = write_report(str(sweep_dir), metric=self.metric, mode=self.mode)
-            print(render_table(str(sweep_dir), metric=self.metric, mode=self.mode))
+            sweep = load_sweep(sweep_dir)
+            report = write_report(sweep, metric=self.metric, mode=self.mode)
+            print(render_table(sweep, metric=self.metric, mode=self.mode))
             print(f"sweep report: {report}")
         except Exception as err:  # a report problem must not hide the jobs' own outcome
             log.error("could not write the sweep report: %s", err)

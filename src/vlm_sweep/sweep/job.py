@@ -120,3 +120,12 @@ def mean_tokens_per_s(run_dir: Path) -> Optional[float]:
     values = [json.loads(line).get("tokens_per_s") for line in path.read_text().splitlines()]
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def job_dirs(sweep_dir: Path) -> List[Path]:
+    """Job dirs of a sweep (``<job num>`` or ``<job num>_<suffix>`` subdirs), in job order."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.exists():
+        return []
+    dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.split("_")[0].isdigit()]
+    return sorted(dirs, key=lambda p: (int(p.name.split("_")[0]), p.name))
