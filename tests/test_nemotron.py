@@ -126,7 +126,8 @@ def test_chat_template_has_nemotron_nano_v2_form(plain):
         "<SPECIAL_10>System\n\n<SPECIAL_11>User\n<image>\nDescribe this image.\n"
         "<SPECIAL_11>Assistant\n<think>\n12\n<SPECIAL_12>\n")
     assert render(_conversation(0, None), add_generation_prompt=True).endswith("<SPECIAL_11>Assistant\n<think>\n")
-    no_think = [{"role": "system", "content": [{"type": "text", "text": "Be brief. /no_think"}]}] + _conversation(0, None)
+    system = {"role": "system", "content": [{"type": "text", "text": "Be brief. /no_think"}]}
+    no_think = [system] + _conversation(0, None)
     assert render(no_think, add_generation_prompt=True) == (
         "<SPECIAL_10>System\nBe brief.\n<SPECIAL_11>User\n<image>\nDescribe this image.\n"
         "<SPECIAL_11>Assistant\n<think></think>")
@@ -275,7 +276,8 @@ def test_guide_setting_b_lora_everywhere_base_frozen():
     assert {component_of(FAMILY, n) for n in trainable} == {"vision_tower", "vision_projection", "language_model"}
     assert any(".mixer.in_proj.lora_A" in n for n in trainable)
     attn_mlp = _guide_setting("lora_attn_mlp", "base_frozen")
-    assert not any(".mixer.in_proj." in n or ".mixer.out_proj." in n for n in _names(attn_mlp, lambda n, p: "lora_" in n))
+    adapted = _names(attn_mlp, lambda n, p: "lora_" in n)
+    assert adapted and not any(".mixer.in_proj." in n or ".mixer.out_proj." in n for n in adapted)
 
 
 # ------------------------------------------------------------------------------------------------ labels (collate)

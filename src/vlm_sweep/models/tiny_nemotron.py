@@ -55,7 +55,8 @@ NEMOTRON_VL_CHAT_TEMPLATE = """
     {%- endif -%}
 {%- endfor -%}
 {%- if messages[0]['role'] == 'system' -%}
-    {{- '<SPECIAL_10>System\n' + render(messages[0]['content']).replace('/think', '').replace('/no_think', '').strip() -}}
+    {%- set system = render(messages[0]['content']).replace('/think', '').replace('/no_think', '') -%}
+    {{- '<SPECIAL_10>System\n' + system.strip() -}}
     {%- set messages = messages[1:] -%}
 {%- else -%}
     {{- '<SPECIAL_10>System\n' -}}
@@ -87,7 +88,9 @@ NEMOTRON_VL_CHAT_TEMPLATE = """
 NEMOTRON_SPECIALS = ["<unk>", "<s>", "</s>"] + [f"<SPECIAL_{i}>" for i in range(3, 20)]
 NEMOTRON_THINK = ["<think>", "</think>"]
 NEMOTRON_MEDIA = ["<image>", "<img>", "</img>", "<video>"]
-# Mistral-NeMo ("tekken") style split: letter runs, single digits, punctuation runs, newline runs.
+# Hybrid pattern "M-*-" (the 12B repeats Mamba2/MLP pairs with an attention layer every few blocks).
+NEMOTRON_LAYERS = ["linear_attention", "mlp", "full_attention", "mlp"]
+# Mistral-NeMo ("tekken") style split (transformers flags the hub tokenizer as using Mistral's regex): letter runs, single digits, punctuation runs, newline runs.
 NEMOTRON_PRETOKENIZE_REGEX = (
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
@@ -102,7 +105,7 @@ def _nemotron_corpus() -> Iterator[str]:
 
 
 def _nemotron_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE with Nemotron-H's split regex, adding ``<s>`` in front like the hub tokenizer.
+    """Byte-level BPE with a tekken-style split, adding ``<s>`` in front like the hub tokenizer.
 
     Training also isolates '\\n', so no merge ever glues a newline to text: the answer's last token and the
     template's closing newline stay separate tokens whatever the answer ends with.
@@ -154,8 +157,7 @@ def build_nemotron_vl(output_dir: Path) -> None:
     tokenizer = _nemotron_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in NEMOTRON_SPECIALS + NEMOTRON_MEDIA}
     text_config = NemotronHConfig(
-        vocab_size=len(tokenizer), hidden_size=64, layers_block_type=["linear_attention", "mlp", "full_attention",
-                                                                       "mlp"],
+        vocab_size=len(tokenizer), hidden_size=64, layers_block_type=NEMOTRON_LAYERS,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
         mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=64,
         max_position_embeddings=4096, tie_word_embeddings=False,
