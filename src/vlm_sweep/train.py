@@ -41,14 +41,23 @@ def resolved_config(cfg: DictConfig) -> Dict[str, Any]:
     return redact(OmegaConf.to_container(cfg, resolve=True))
 
 
+def resolved_precision(parallel_cfg: Any) -> str:
+    """auto -> bf16 on a bf16-capable GPU, else no (fp32)."""
+    import torch
+
+    precision = parallel_cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return precision
+
+
 def _make_accelerator(parallel_cfg: Any) -> Any:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    precision = parallel_cfg.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # Under FSDP2 the sharding policy casts parameters; Accelerate's autocast stays off.
+    precision = "no" if parallel_cfg.strategy == "fsdp" else resolved_precision(parallel_cfg)
     handlers = []
     if parallel_cfg.backend:
         handlers.append(InitProcessGroupKwargs(backend=parallel_cfg.backend))
@@ -77,7 +86,9 @@ def _loaders(cfg: DictConfig, datasets: Dict[str, Any], collator: Any, accelerat
     val_loader = None
     if "validation" in datasets:
         val = datasets["validation"]
-        shard = list(range(accelerator.process_index, len(val), accelerator.num_processes))
+        # Under FSDP every rank must run the same forwards: each validates on the whole split.
+        shard = list(range(len(val))) if cfg.parallel.strategy == "fsdp" else \
+            list(range(accelerator.process_index, len(val), accelerator.num_processes))
         val_loader = DataLoader(val, batch_size=cfg.step_scheduler.micro_batch_size, sampler=shard,
                                 collate_fn=collator, num_workers=cfg.dataset.num_workers)
     return train_loader, val_loader
@@ -139,9 +150,19 @@ def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = Non
     datasets = build_datasets(cfg.dataset)
     collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record)
     train_loader, val_loader = _loaders(cfg, datasets, collator, accelerator)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    if cfg.parallel.strategy == "fsdp":
+        from vlm_sweep.training.distributed import shard_with_fsdp2, sharding_summary
+
+        model = shard_with_fsdp2(model, resolved_precision(cfg.parallel))
+        optimizer = build_optimizer(model, cfg.optimizer)  # over the sharded (DTensor) parameters
+        summary = sharding_summary(model)
+        log.info("FSDP2 rank %d holds %s of %s parameter elements", accelerator.process_index,
+                 f"{summary['local_numel']:,}", f"{summary['full_numel']:,}")
+        (run_dir / f"sharding_rank{accelerator.process_index}.json").write_text(json.dumps(summary))
+    else:
+        optimizer = build_optimizer(model, cfg.optimizer)
+        model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.step_scheduler.max_steps, cfg.optimizer.lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
 
     checkpoint_root = Path(cfg.checkpoint.dir)
     if not checkpoint_root.is_absolute():

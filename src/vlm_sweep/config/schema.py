@@ -124,7 +124,7 @@ class FreezeConfig:
 class ParallelConfig:
     """Data-parallel strategy; processes come from torchrun/SLURM."""
 
-    strategy: str = "single"  # single | ddp
+    strategy: str = "single"  # single | ddp | fsdp (FSDP2: parameters sharded across ranks)
     # auto: bf16 on a bf16-capable GPU, fp32 on CPU. Or: no | bf16 | fp16.
     mixed_precision: str = "auto"
     backend: Optional[str] = None  # null: nccl on GPU, gloo on CPU

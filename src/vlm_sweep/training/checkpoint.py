@@ -28,6 +28,9 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from vlm_sweep.training.distributed import (full_model_state, full_optimizer_state, full_trainable_state,
+                                            is_fsdp, load_full_states)
+
 LATEST = "LATEST"
 BEST = "BEST"
 
@@ -106,16 +109,21 @@ def resolve_resume(checkpoint_cfg: Any, checkpoint_root: Path) -> Optional[Path]
     return path
 
 
-def save_model_dir(model: Any, processor: Any, out: Path, save_format: str) -> None:
-    """Adapter or full model in Hugging Face form, plus the processor."""
+def save_model_dir(model: Any, processor: Any, out: Path, save_format: str,
+                   state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Adapter or full model in Hugging Face form, plus the processor.
+
+    ``state_dict``: the full (gathered) weights when the model is sharded.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    extra = {} if state_dict is None else {"state_dict": state_dict}
     if hasattr(model, "peft_config"):
-        model.save_pretrained(out, safe_serialization=save_format == "safetensors")
+        model.save_pretrained(out, safe_serialization=save_format == "safetensors", **extra)
     elif save_format == "safetensors":
-        model.save_pretrained(out)
+        model.save_pretrained(out, **extra)
     else:
         model.config.save_pretrained(out)
-        torch.save(model.state_dict(), out / "pytorch_model.bin")
+        torch.save(state_dict if state_dict is not None else model.state_dict(), out / "pytorch_model.bin")
     processor.save_pretrained(out)
 
 
@@ -152,10 +160,16 @@ def save_checkpoint(
     state_dir = tmp / "training_state"
     # Per-rank: RNG and data position differ between processes.
     torch.save({"rng": rng_state(), "dataloader": dataloader.state_dict()}, state_dir / f"rank_{rank}.pt")
-    optimizer_state = optimizer.state_dict()  # collective under FSDP: every rank calls it
+    sharded = is_fsdp(unwrapped)
+    if sharded:  # gathering full tensors is a collective: every rank takes part
+        full_model, weights = full_model_state(unwrapped), full_trainable_state(unwrapped)
+        optimizer_state = full_optimizer_state(unwrapped, optimizer)
     if accelerator.is_main_process:
-        save_model_dir(unwrapped, processor, tmp / "model", checkpoint_cfg.model_save_format)
-        torch.save({k: v.cpu() for k, v in trainable_state_dict(unwrapped).items()}, state_dir / "trainable.pt")
+        if not sharded:
+            full_model, optimizer_state = None, optimizer.state_dict()
+            weights = {k: v.detach().cpu() for k, v in trainable_state_dict(unwrapped).items()}
+        save_model_dir(unwrapped, processor, tmp / "model", checkpoint_cfg.model_save_format, full_model)
+        torch.save(weights, state_dir / "trainable.pt")
         torch.save(optimizer_state, state_dir / "optimizer.pt")
         torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
         (tmp / "config.yaml").write_text(config_yaml)
@@ -164,7 +178,7 @@ def save_checkpoint(
 
             export_checkpoint(str(tmp), str(tmp / "consolidated"), merge_lora=True)
         (state_dir / "trainer_state.json").write_text(
-            json.dumps({**trainer_state, "world_size": accelerator.num_processes}, indent=2))
+            json.dumps({**trainer_state, "world_size": accelerator.num_processes, "fsdp": sharded}, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(tmp)
@@ -218,6 +232,10 @@ def load_checkpoint(
             f"{path} was written by {trainer_state['world_size']} processes, this run has "
             f"{accelerator.num_processes}; resume with the same number of processes")
     unwrapped = accelerator.unwrap_model(model)
+    sharded = is_fsdp(unwrapped)
+    if trainer_state.get("fsdp", False) != sharded:
+        raise CheckpointError(f"{path} was written {'with' if trainer_state.get('fsdp') else 'without'} "
+                              f"parallel.strategy=fsdp; resume it with the same strategy")
     weights = torch.load(state_dir / "trainable.pt", weights_only=True, map_location="cpu")
     expected = set(trainable_state_dict(unwrapped))
     if set(weights) != expected:
@@ -225,11 +243,15 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} does not fit this config (peft/freeze/model differ): trainable parameters "
             f"missing from it {missing}, unexpected in it {extra}")
-    params = dict(unwrapped.named_parameters())
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(state_dir / "optimizer.pt", weights_only=True)
+    if sharded:
+        load_full_states(unwrapped, optimizer, weights, optimizer_state)
+    else:
+        params = dict(unwrapped.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=True))
     per_rank = torch.load(state_dir / f"rank_{accelerator.process_index}.pt", weights_only=True)
     dataloader.load_state_dict(per_rank["dataloader"])

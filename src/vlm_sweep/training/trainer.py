@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_sweep.data.collate import IGNORE_INDEX
+from vlm_sweep.training.distributed import full_tensor, is_fsdp, no_gradient_sync, unsharded
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class Trainer:
         self.history: Dict[str, Any] = {}
         self._batches: Optional[Iterator[Dict[str, Any]]] = None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.fsdp = is_fsdp(model)
 
     # -- data ---------------------------------------------------------------------------
     def next_batch(self) -> Dict[str, Any]:
@@ -138,7 +140,8 @@ class Trainer:
         for i, batch in enumerate(micro):
             batch = to_device(batch, self.acc.device)
             sync = i == len(micro) - 1
-            with (contextlib.nullcontext() if sync else self.acc.no_sync(self.model)), self.acc.autocast():
+            no_sync = contextlib.nullcontext() if sync else no_gradient_sync(self.model, self.acc)
+            with no_sync, self.acc.autocast():
                 summed = summed_token_loss(self.model, batch)
                 self.acc.backward(summed * scale)
             loss_sum += summed.detach()
@@ -158,12 +161,12 @@ class Trainer:
         )
 
     def _clip_gradients(self) -> float:
-        max_norm = self.cfg.optimizer.max_grad_norm
-        if max_norm is not None:
-            norm = self.acc.clip_grad_norm_(self.trainable, max_norm)
+        """Clip to optimizer.max_grad_norm (inf: measure only); returns the pre-clip norm."""
+        max_norm = self.cfg.optimizer.max_grad_norm or float("inf")
+        if self.fsdp:
+            norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
         else:
-            grads = [p.grad.norm() for p in self.trainable if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+            norm = self.acc.clip_grad_norm_(self.trainable, max_norm)
         value = float(norm)
         return value if math.isfinite(value) else float("nan")
 
@@ -198,11 +201,13 @@ class Trainer:
         ecfg = self.cfg.eval
         model = self.acc.unwrap_model(self.model)
         model.eval()
-        with self.acc.autocast():
+        with self.acc.autocast(), unsharded(model):
             metrics, _ = evaluate_samples(
                 model, self.processor, self.eval_samples, self.cfg.dataset.format,
                 SamplingConfig(max_new_tokens=ecfg.max_new_tokens), batch_size=ecfg.batch_size,
-                rank=self.acc.process_index, world_size=self.acc.num_processes)
+                # Under FSDP every rank must run the same forwards: each generates for all records.
+                rank=0 if self.fsdp else self.acc.process_index,
+                world_size=1 if self.fsdp else self.acc.num_processes)
         self.model.train()
         return {f"eval/{k}": v for k, v in metrics.items()}
 
