@@ -17,7 +17,10 @@ from conftest import ROOT, compose, run_launch
 from vlm_sweep.config.validate import ConfigError, validate_config
 
 CONF = ROOT / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+# experiment/ and hparams_search/ are `# @package _global_` files (tested in test_experiments.py);
+# hydra/ holds launcher profiles (tested in test_sweeps.py).
+GLOBAL_GROUPS = {"experiment", "hparams_search", "hydra"}
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in GLOBAL_GROUPS)
 OPTIONS = [(group, opt.stem) for group in GROUPS for opt in sorted((CONF / group).glob("*.yaml"))]
 HEAVY = {"torch", "transformers", "mlflow"}
 

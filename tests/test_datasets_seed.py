@@ -158,9 +158,10 @@ def test_carved_validation_is_deterministic_and_disjoint(raven_dir):
     assert carve_rows(100, 0.1, seed=0) == (a_train, a_val) and carve_rows(100, 0.1, seed=1)[1] != a_val
 
 
-def test_carving_needs_a_validation_split_name():
+def test_carving_config_rules():
     with pytest.raises(ConfigError, match=r"dataset\.val_split"):
-        validate_config(compose(["dataset=raven", "dataset.val_split=null"]))
+        validate_config(compose(["dataset=raven", "dataset.val_split=train"]))
+    validate_config(compose(["dataset=raven", "dataset.val_split=null"]))  # no validation: nothing carved
     with pytest.raises(ConfigError, match=r"dataset\.max_pixels"):
         validate_config(compose(["dataset.min_pixels=1000", "dataset.max_pixels=10"]))
 

@@ -304,10 +304,6 @@ def test_labels_cover_the_answer_and_nothing_of_the_prompt(framework):
     assert not (batch["labels"] == tok.convert_tokens_to_ids("<image>")).any()
 
 
-@pytest.mark.xfail(strict=True, reason="collate.AssistantMarkers takes the FIRST token after the answer as the turn "
-                   "end; Nemotron closes turns with '\\n<SPECIAL_12>\\n', so '\\n' ends the labels: <SPECIAL_12> "
-                   "(the stop token) is never learned and multi-line answers are cut. Needs the first special "
-                   "token of the closing as end marker (see the Nemotron report).")
 def test_labels_run_through_the_end_of_turn_token(framework):
     processor = framework[1]
     answers = ["<s_total>12</s_total>", "line one\nline two"]
@@ -399,10 +395,6 @@ def test_merged_export_matches_the_framework_model(nemotron_run, media, tmp_path
         torch.testing.assert_close(plain(**batch).logits, framework.model(**batch).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="under LoRA, checkpoints save only adapter weights (PeftModel.save_pretrained): "
-                   "base weights trained with freeze.*=false (guide setting a: vision model + projection) live only in "
-                   "training_state/trainable.pt, so generate/evaluate/export use the untrained ones. Needs "
-                   "modules_to_save for those components (see the Nemotron report).")
 def test_checkpoint_model_keeps_fully_trained_vision_weights(nemotron_run):
     from vlm_sweep.inference import load_for_inference
 
@@ -412,4 +404,5 @@ def test_checkpoint_model_keeps_fully_trained_vision_weights(nemotron_run):
     assert vision
     loaded = dict(load_for_inference(str(nemotron_run), merge_lora=True).model.named_parameters())
     for name, tensor in vision.items():
-        torch.testing.assert_close(loaded[name.split("base_model.model.", 1)[-1]], tensor)
+        plain_name = name.split("base_model.model.", 1)[-1].replace("modules_to_save.default.", "")
+        torch.testing.assert_close(loaded[plain_name], tensor)

@@ -86,12 +86,12 @@ DRIVER = textwrap.dedent('''
     from pathlib import Path
     import vlm_sweep.training.checkpoint as ckpt
     original = ckpt.save_model_dir
-    def crashing(model, processor, out, fmt):
+    def crashing(model, processor, out, *args, **kwargs):
         if "step_20" in str(out):
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / "partial.bin").write_bytes(b"half written")
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(model, processor, out, fmt)
+        return original(model, processor, out, *args, **kwargs)
     ckpt.save_model_dir = crashing
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")

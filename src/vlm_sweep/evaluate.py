@@ -82,25 +82,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise
     from vlm_sweep.evaluation import evaluate_samples
 
+    from vlm_sweep.data.processor_kwargs import MediaKwargs
+
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
+
+    def score(model: Any, processor: Any) -> Any:
+        """Generate and score with the data set's pixel budget, as in training."""
+        media = MediaKwargs(processor, cfg.dataset.min_pixels, cfg.dataset.max_pixels)
+        return evaluate_samples(model, processor, samples, cfg.dataset.format, sampling, args.batch_size,
+                                media_kwargs=media)
+
     results: Dict[str, Dict[str, float]] = {}
     rows_by_model: Dict[str, List[dict]] = {}
     if args.compare_base:
         if hasattr(loaded.model, "disable_adapter"):
             with loaded.model.disable_adapter():
-                base = evaluate_samples(loaded.model, loaded.processor, samples, cfg.dataset.format,
-                                        sampling, args.batch_size)
+                base = score(loaded.model, loaded.processor)
         else:
             source = loaded.run_config["model"] if loaded.run_config else None
             if source is None:
                 print("error: --compare-base needs a checkpoint trained by vlm_sweep", file=sys.stderr)
                 return 2
             base_loaded = load_for_inference(source["pretrained_model_name_or_path"])
-            base = evaluate_samples(base_loaded.model, base_loaded.processor, samples,
-                                    cfg.dataset.format, sampling, args.batch_size)
+            base = score(base_loaded.model, base_loaded.processor)
         results["base"], rows_by_model["base"] = base
-    results["fine-tuned"], rows_by_model["fine-tuned"] = evaluate_samples(
-        loaded.model, loaded.processor, samples, cfg.dataset.format, sampling, args.batch_size)
+    results["fine-tuned"], rows_by_model["fine-tuned"] = score(loaded.model, loaded.processor)
 
     model_dir, step_dir = find_model_dir(args.checkpoint_path)
     default_out = (step_dir or model_dir) / f"eval_{cfg.dataset.name}_{cfg.dataset.split}"

@@ -16,13 +16,14 @@ from vlm_sweep.metrics.tasks import TASK_METRICS
 
 def evaluate_samples(model: Any, processor: Any, samples: Sequence[Any], record_format: str,
                      sampling: SamplingConfig, batch_size: int = 4, rank: int = 0,
-                     world_size: int = 1) -> Tuple[Dict[str, float], List[Dict[str, Any]]]:
+                     world_size: int = 1, media_kwargs: Any = None) -> Tuple[Dict[str, float], List[Dict[str, Any]]]:
     """(metrics, per-record rows) over ``samples`` (each with .record_id and .conversation)."""
     mine = list(samples)[rank::world_size]
     rows: List[Dict[str, Any]] = []
     for i in range(0, len(mine), batch_size):
         batch = mine[i:i + batch_size]
-        answers = generate(model, processor, [prompt_part(s.conversation) for s in batch], sampling)
+        answers = generate(model, processor, [prompt_part(s.conversation) for s in batch], sampling,
+                           media_kwargs=media_kwargs)
         for sample, answer in zip(batch, answers):
             rows.append({"record_id": sample.record_id, "prediction": answer,
                          "reference": assistant_texts(sample.conversation)[-1]})

@@ -89,9 +89,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    from vlm_sweep.data.processor_kwargs import MediaKwargs
+
+    budget = (loaded.run_config or {}).get("dataset", {})  # the pixel budget the model trained with
+    media = MediaKwargs(loaded.processor, budget.get("min_pixels"), budget.get("max_pixels"))
     answers: List[str] = []
     for i in range(0, len(conversations), args.batch_size):
-        answers += generate(loaded.model, loaded.processor, conversations[i:i + args.batch_size], sampling)
+        answers += generate(loaded.model, loaded.processor, conversations[i:i + args.batch_size], sampling,
+                            media_kwargs=media)
 
     if args.input_jsonl:
         lines = [json.dumps({**row, "output": _format(a, args.output_format)}) for row, a in zip(rows, answers)]

@@ -33,13 +33,21 @@ def prompt_part(conversation: Conversation) -> Conversation:
 
 
 def generate(model: Any, processor: Any, conversations: Sequence[Conversation],
-             sampling: SamplingConfig = SamplingConfig()) -> List[str]:
-    """Answers for a batch of prompt conversations (left-padded, generation prompt added)."""
+             sampling: SamplingConfig = SamplingConfig(), media_kwargs: Optional[Any] = None) -> List[str]:
+    """Answers for a batch of prompt conversations (left-padded, generation prompt added).
+
+    ``media_kwargs``: the training collator's MediaKwargs (pixel budget), so images are
+    sized as in training; by default the processor's own sizing and the videos' timing.
+    """
     import torch
 
+    from vlm_sweep.data.processor_kwargs import MediaKwargs
+
+    media_kwargs = media_kwargs or MediaKwargs(processor)
     inputs = processor.apply_chat_template(
         list(conversations), tokenize=True, return_dict=True, return_tensors="pt",
-        add_generation_prompt=True, processor_kwargs={"padding": True, "padding_side": "left"})
+        add_generation_prompt=True,
+        processor_kwargs={"padding": True, "padding_side": "left", **media_kwargs(conversations)})
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     kwargs: Dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.do_sample}

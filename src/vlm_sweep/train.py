@@ -58,7 +58,11 @@ def _make_accelerator(parallel_cfg: Any) -> Any:
 
     # Under FSDP2 the sharding policy casts parameters; Accelerate's autocast stays off.
     precision = "no" if parallel_cfg.strategy == "fsdp" else resolved_precision(parallel_cfg)
-    handlers = []
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # A rank whose batch has no image leaves the vision tower without gradients: DDP must
+    # know, or the gradient all-reduce mismatches across ranks (gloo error, NCCL hang).
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=parallel_cfg.find_unused_parameters)]
     if parallel_cfg.backend:
         handlers.append(InitProcessGroupKwargs(backend=parallel_cfg.backend))
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
@@ -138,7 +142,7 @@ def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = Non
 
     model, processor = load_model_and_processor(cfg.model)
     if cfg.peft.method == "lora":
-        model = apply_lora(model, family, cfg.peft)
+        model = apply_lora(model, family, cfg.peft, cfg.freeze)
     counts = apply_freeze(model, family, cfg.freeze)
     if counts["trainable_params"] == 0:
         raise ValueError("config error: freeze/peft leave no trainable parameter")
@@ -148,7 +152,8 @@ def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = Non
              trainable_by_component(model, family))
 
     datasets = build_datasets(cfg.dataset)
-    collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record)
+    collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record,
+                           min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels)
     train_loader, val_loader = _loaders(cfg, datasets, collator, accelerator)
     if cfg.parallel.strategy == "fsdp":
         from vlm_sweep.training.distributed import shard_with_fsdp2, sharding_summary
@@ -206,7 +211,7 @@ def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = Non
     trainer = Trainer(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer,
                       scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
                       tracker=tracker, run_dir=run_dir, save_fn=save, processor=processor,
-                      eval_samples=_eval_samples(cfg, datasets))
+                      eval_samples=_eval_samples(cfg, datasets), media_kwargs=collator.media_kwargs)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, accelerator=accelerator, model=model,
                                      optimizer=optimizer, scheduler=scheduler, dataloader=train_loader)

@@ -75,6 +75,7 @@ class DatasetConfig:
     num_workers: int = 0
     # Carve a validation split out of train (seeded) when the source has none (e.g. raven).
     carve_val_fraction: Optional[float] = None
+    carve_seed: int = 0
     # Videos: relative paths in records resolve against this directory.
     video_root_path: Optional[str] = None
     # Frames per video, sampled uniformly; or sample at `fps` frames per second instead.
@@ -128,6 +129,9 @@ class ParallelConfig:
     # auto: bf16 on a bf16-capable GPU, fp32 on CPU. Or: no | bf16 | fp16.
     mixed_precision: str = "auto"
     backend: Optional[str] = None  # null: nccl on GPU, gloo on CPU
+    # DDP: tolerate parameters without gradients in a step (a rank whose batch has no image).
+    # Costs a graph traversal per step; false when every batch uses every trainable part.
+    find_unused_parameters: bool = True
 
 
 @dataclass

@@ -81,10 +81,8 @@ def validate_config(cfg: DictConfig) -> None:
 
     if cfg.dataset.carve_val_fraction is not None:
         _where(cfg, "dataset.carve_val_fraction", lambda v: 0 < v < 1, "must be in (0, 1)")
-        val = cfg.dataset.val_split
-        _check(val is not None and val != cfg.dataset.train_split, "dataset.val_split",
-               "must name the carved split (not null, not dataset.train_split) when carve_val_fraction is set",
-               val)
+        _check(cfg.dataset.val_split != cfg.dataset.train_split, "dataset.val_split",
+               "must differ from dataset.train_split: it names the split carved out of it", cfg.dataset.val_split)
     _where(cfg, "dataset.num_frames", *positive)
     for key in ("dataset.fps", "dataset.min_pixels", "dataset.max_pixels", "dataset.max_image_side"):
         if OmegaConf.select(cfg, key) is not None:

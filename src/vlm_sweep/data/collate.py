@@ -50,7 +50,10 @@ class AssistantMarkers:
         header_ids, closing_ids = encode(header), encode(closing)
         if not header_ids or not closing_ids:
             raise ValueError(f"chat template: empty assistant header {header!r} or end {closing!r}")
-        markers = cls(tuple(header_ids), closing_ids[0])
+        # The turn ends at the first special token of the closing text (Nemotron closes with
+        # "\n<SPECIAL_12>\n": the newline is part of the answer, <SPECIAL_12> is the stop token).
+        specials = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        markers = cls(tuple(header_ids), next((i for i in closing_ids if i in specials), closing_ids[0]))
         # The header must tokenize the same inside a conversation as on its own.
         ids = encode(complete)
         if markers.find_spans(ids) == []:

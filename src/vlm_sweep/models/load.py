@@ -50,7 +50,7 @@ def preflight_hub_access(source: str, revision: str | None = None) -> None:
             f"model {source!r} is not in the local cache and {why}. Download it first on a machine "
             f"with network (huggingface-cli download {source}; gated models need HF_TOKEN), point "
             f"HF_HOME at that cache, or use a local directory / a tiny model "
-            f"(model=tiny_gemma3, model=tiny_qwen2_5_vl)."
+            f"(model=tiny_gemma3, tiny_qwen2_5_vl or tiny_nemotron_vl)."
         )
 
 

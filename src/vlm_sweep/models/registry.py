@@ -89,8 +89,8 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
             "audio_tower": ("audio_tower", "embed_audio"),
             "language_model": ("language_model",),
         },
-        # The Nemotron tokenizer has no pad token; pad with <unk> (the LM config's pad id 0),
-        # never with the end-of-turn token, whose labels padding masks would be lost.
+        # The hub tokenizer has no pad token, which batching needs: pad with <unk>, the id (0) its
+        # LM config names as pad (not eos: that is the end-of-turn token the model must learn).
         processor_kwargs={"pad_token": "<unk>"},
         supports_video=True,
     ),

@@ -26,7 +26,9 @@ FLAG_TO_COMPONENT = {
 
 
 def _is_adapter(name: str) -> bool:
-    return "lora_" in name or "modules_to_save" in name
+    """LoRA weights and PEFT's trained copies (modules_to_save) or kept originals (original_module):
+    PEFT already decided whether they train."""
+    return "lora_" in name or "modules_to_save" in name or "original_module" in name
 
 
 def apply_freeze(model: Any, family: ModelFamily, freeze_cfg: Any) -> Dict[str, int]:

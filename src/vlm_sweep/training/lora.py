@@ -45,7 +45,26 @@ def select_lora_targets(model: Any, family: ModelFamily, peft_cfg: Any) -> List[
     return targets
 
 
-def apply_lora(model: Any, family: ModelFamily, peft_cfg: Any) -> Any:
+def fully_trained_modules(family: ModelFamily, freeze_cfg: Any, targets: List[str]) -> List[str]:
+    """Module paths of components whose freeze flag is explicitly false: under LoRA their base
+    weights train fully, so PEFT must save them with the adapter (``modules_to_save``)."""
+    from vlm_sweep.training.freeze import FLAG_TO_COMPONENT
+
+    paths: List[str] = []
+    for flag, component in FLAG_TO_COMPONENT.items():
+        if freeze_cfg is not None and getattr(freeze_cfg, flag, None) is False:
+            paths += [p for p in family.components.get(component, ()) if p not in paths]
+    paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p)]  # outermost only
+    for path in paths:
+        clash = [t for t in targets if t.startswith(path + ".")]
+        if clash:
+            raise LoraTargetError(
+                f"config error: freeze trains {path} fully but peft also puts LoRA on it ({clash[0]}); "
+                f"exclude it from peft.target_modules or freeze it")
+    return paths
+
+
+def apply_lora(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any = None) -> Any:
     """Wrap the model in a PeftModel with LoRA on the selected modules."""
     from peft import LoraConfig, get_peft_model
 
@@ -55,6 +74,7 @@ def apply_lora(model: Any, family: ModelFamily, peft_cfg: Any) -> Any:
         lora_alpha=peft_cfg.alpha,
         lora_dropout=peft_cfg.dropout,
         target_modules=targets,
+        modules_to_save=fully_trained_modules(family, freeze_cfg, targets) or None,
         bias="none",
     )
     return get_peft_model(model, config)

@@ -93,7 +93,8 @@ class Trainer:
 
     def __init__(self, *, cfg: Any, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
                  train_loader: Any, val_loader: Any, tracker: Any, run_dir: Path,
-                 save_fn: Any, processor: Any = None, eval_samples: Optional[List[Any]] = None) -> None:
+                 save_fn: Any, processor: Any = None, eval_samples: Optional[List[Any]] = None,
+                 media_kwargs: Any = None) -> None:
         self.cfg = cfg
         self.acc = accelerator
         self.model = model
@@ -106,6 +107,7 @@ class Trainer:
         self.save_fn = save_fn
         self.processor = processor
         self.eval_samples = eval_samples or []
+        self.media_kwargs = media_kwargs
         # Steps already in the tracker (a resumed run does not log them twice).
         self.tracker_logged_through = 0
         self.stop_signal: Optional[int] = None
@@ -207,7 +209,7 @@ class Trainer:
                 SamplingConfig(max_new_tokens=ecfg.max_new_tokens), batch_size=ecfg.batch_size,
                 # Under FSDP every rank must run the same forwards: each generates for all records.
                 rank=0 if self.fsdp else self.acc.process_index,
-                world_size=1 if self.fsdp else self.acc.num_processes)
+                world_size=1 if self.fsdp else self.acc.num_processes, media_kwargs=self.media_kwargs)
         self.model.train()
         return {f"eval/{k}": v for k, v in metrics.items()}
 
