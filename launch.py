@@ -24,4 +24,12 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from vlm_sweep.config.validate import check_cli_overrides
+
+    problem = check_cli_overrides(sys.argv[1:])  # a wrong key or type: one line, before Hydra
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
     main()

@@ -265,3 +265,13 @@ def test_output_root_moves_run_and_sweep_dirs(tmp_path):
     cfg = _compose_with_hydra([f"paths.output_root={tmp_path}"])
     assert Path(cfg.hydra.run.dir).is_relative_to(tmp_path / cfg.experiment_name)
     assert Path(cfg.hydra.sweep.dir).is_relative_to(tmp_path / cfg.experiment_name / "multirun")
+
+
+@pytest.mark.parametrize("override,key", [("optimizer.lrr=1", "optimizer.lrr"), ("optimizer.lr=abc", "optimizer.lr"),
+                                          ("model.dtyp=x", "model.dtyp"),
+                                          ("step_scheduler.max_steps=ten", "step_scheduler.max_steps")])
+def test_cli_wrong_key_or_type_is_one_line_naming_the_key(override, key, tmp_path):
+    proc = run_launch([override], env={"VLM_SWEEP_CACHE": str(tmp_path / "cache")}, timeout=60)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and key in lines[0], proc.stderr
+    assert not (tmp_path / "cache").exists()

@@ -7,7 +7,7 @@ Every failure is one line naming the offending key, e.g.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -154,3 +154,42 @@ def validate_config(cfg: DictConfig) -> None:
     objective = cfg.objective_metric
     _check(objective in ("loss", "val_loss") or objective.startswith("eval/"), "objective_metric",
            "must be 'loss', 'val_loss' or 'eval/<metric>'", objective)
+
+
+def check_cli_overrides(args: List[str]) -> Optional[str]:
+    """One-line error for a command-line override whose key or type the schema rejects.
+
+    Hydra reports these itself, but over several lines; this runs first and names the key
+    in one. Group choices (``model=gemma3``), ``hydra.*``, ``+``/``~`` overrides and
+    interpolations are left to Hydra. Returns the message, or None when all is well.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf.errors import OmegaConfBaseException
+
+    from vlm_sweep.config.schema import RunConfig
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except Exception:  # a syntax error: Hydra explains it
+        return None
+    schema = OmegaConf.structured(RunConfig)
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_add() or override.is_delete() or override.package or "." not in key \
+                or key.startswith("hydra."):
+            continue
+        try:
+            values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        except Exception:  # interval() and other non-enumerable sweeps: Hydra checks them
+            continue
+        for value in values:
+            if isinstance(value, str) and "${" in value:
+                continue
+            try:
+                OmegaConf.update(schema, key, value, merge=True)
+            except OmegaConfBaseException as err:
+                reason = str(err).splitlines()[0]
+                if "not in" in reason or "Key '" in reason:
+                    return f"config error: {key} is not a known key ({reason})"
+                return f"config error: {key}={value!r}: {reason}"
+    return None
