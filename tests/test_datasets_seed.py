@@ -161,7 +161,7 @@ def test_carved_validation_is_deterministic_and_disjoint(raven_dir):
 def test_carving_config_rules():
     with pytest.raises(ConfigError, match=r"dataset\.val_split"):
         validate_config(compose(["dataset=raven", "dataset.val_split=train"]))
-    validate_config(compose(["dataset=raven", "dataset.val_split=null"]))  # no validation: nothing carved
+    validate_config(compose(["dataset=raven", "dataset.val_split=null", "eval=none"]))  # no validation: nothing carved
     with pytest.raises(ConfigError, match=r"dataset\.max_pixels"):
         validate_config(compose(["dataset.min_pixels=1000", "dataset.max_pixels=10"]))
 
