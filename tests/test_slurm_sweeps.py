@@ -140,3 +140,17 @@ def test_cancelled_job_fails_the_sweep_cleanly(tmp_path, mlflow_uri, cluster):
     assert "SIGTERM" in status["error"] or slurm_id in status["error"]
     assert "job 1" in err and "log:" in err and "1 of 2 jobs did not finish" in err
     assert json.loads((sweep / "0" / "job_status.json").read_text())["status"] == "FINISHED"
+
+
+def test_job_with_two_slurm_tasks_trains_on_two_ranks(tmp_path, mlflow_uri, cluster):
+    """tasks_per_node=2: SLURM's tasks become torch.distributed ranks (no torchrun inside)."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        _sweep_cmd(sweep, mlflow_uri, "hydra.launcher.tasks_per_node=2", "parallel=ddp", "optimizer.lr=1e-3",
+                   "step_scheduler.max_steps=2", "step_scheduler.ckpt_every_steps=2", "dataset.val_split=null"),
+        cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((sweep / "0" / "checkpoints" / "step_2" / "training_state" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    assert (sweep / "0" / "checkpoints" / "step_2" / "training_state" / "rank_1.pt").exists()
+    assert len(_children(mlflow_uri, sweep)) == 1  # one MLflow run per job, from rank 0 only
