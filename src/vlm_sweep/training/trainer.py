@@ -152,13 +152,15 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss = float(self.acc.reduce(loss_sum, "sum"))
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        tokens = float(sum(int(b["attention_mask"].sum()) for b in micro))
+        # One all-reduce for both logged sums.
+        total_loss, total_tokens = self.acc.reduce(
+            torch.stack([loss_sum, torch.tensor(tokens, device=self.acc.device)]), "sum").tolist()
         return StepStats(
             loss=total_loss / global_tokens if global_tokens else 0.0,
             label_tokens=global_tokens,
             grad_norm=grad_norm,
-            tokens=int(self.acc.reduce(torch.tensor(tokens, device=self.acc.device), "sum")),
+            tokens=int(total_tokens),
             skipped=sum(b["num_skipped"] for b in micro),
         )
 
