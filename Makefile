@@ -6,7 +6,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -29,6 +29,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not slurm"
+
+# Hot-path speed targets (start-up, collate, training step): scripts/benchmark.py
+bench: install
+	$(PY) scripts/benchmark.py
 
 clean:
 	rm -rf $(VENV) outputs/* .pytest_cache
