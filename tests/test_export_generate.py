@@ -149,3 +149,18 @@ def test_full_finetune_checkpoint_generates(tmp_path, receipt):
     assert not hasattr(loaded.model, "peft_config")
     proc = _generate("--checkpoint-path", str(tmp_path), "--image", str(receipt), "--max-new-tokens", "20")
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_torch_save_checkpoints_load_and_generate(tmp_path, receipt, peft):
+    run(compose(TRAIN + [f"peft={peft}", "checkpoint.model_save_format=torch_save"]), tmp_path)
+    model_dir = tmp_path / "checkpoints" / "step_12" / "model"
+    expected = "pytorch_model.bin" if peft == "none" else "adapter_model.bin"
+    assert (model_dir / expected).exists() and not list(model_dir.glob("*.safetensors"))
+    loaded = load_for_inference(str(tmp_path))
+    trained = torch.load(tmp_path / "checkpoints" / "step_12" / "training_state" / "trainable.pt", weights_only=True)
+    params = dict(loaded.model.named_parameters())
+    for name, tensor in trained.items():  # the trained weights, not the base model's
+        torch.testing.assert_close(params[name], tensor)
+    batch = _batch(loaded.processor, receipt)
+    assert torch.isfinite(_logits(loaded.model, batch)).all()
