@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_launch
+from conftest import run_launch
 
 TINY = ["step_scheduler.max_steps=4", "step_scheduler.val_every_steps=2", "step_scheduler.ckpt_every_steps=2",
         "eval=none", "dataset.max_val_samples=4"]
