@@ -33,7 +33,7 @@ def prompt_part(conversation: Conversation) -> Conversation:
 
 
 def generate(model: Any, processor: Any, conversations: Sequence[Conversation],
-             sampling: SamplingConfig = SamplingConfig(), media_kwargs: Optional[Any] = None) -> List[str]:
+             sampling: Optional[SamplingConfig] = None, media_kwargs: Optional[Any] = None) -> List[str]:
     """Answers for a batch of prompt conversations (left-padded, generation prompt added).
 
     ``media_kwargs``: the training collator's MediaKwargs (pixel budget), so images are
@@ -43,6 +43,7 @@ def generate(model: Any, processor: Any, conversations: Sequence[Conversation],
 
     from vlm_sweep.data.processor_kwargs import MediaKwargs
 
+    sampling = sampling or SamplingConfig()
     media_kwargs = media_kwargs or MediaKwargs(processor)
     inputs = processor.apply_chat_template(
         list(conversations), tokenize=True, return_dict=True, return_tensors="pt",
