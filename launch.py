@@ -28,7 +28,10 @@ if __name__ == "__main__":
 
     from vlm_sweep.config.validate import check_cli_overrides
 
-    problem = check_cli_overrides(sys.argv[1:])  # a wrong key or type: one line, before Hydra
+    from pathlib import Path
+
+    # A wrong key, type or group option: one line, before Hydra composes or writes anything.
+    problem = check_cli_overrides(sys.argv[1:], conf_dir=Path(__file__).resolve().parent / "conf")
     if problem:
         print(problem, file=sys.stderr)
         sys.exit(2)

@@ -79,10 +79,32 @@ def test_ted_accuracy_is_clamped_at_zero():
     assert ted_accuracy({"zzz": "a very long wrong leaf value " * 4}, {"a": "1"}) == 0.0
 
 
-def test_empty_answer_edge_cases():
-    assert ted_accuracy({}, {}) == 1.0
-    assert ted_accuracy({"a": "1"}, {}) == 0.0
-    assert field_f1([{}], [{}]) == 1.0
+def _donut_cal_acc(pred, answer) -> float:
+    """Donut's ``cal_acc`` expression verbatim: zss gives numpy floats, so x/0 is nan or inf, not an error."""
+    import numpy as np
+
+    from vlm_sweep.metrics.cord import _ted, construct_tree_from_dict
+
+    tree = lambda data: construct_tree_from_dict(normalize_dict(data))  # noqa: E731
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return max(0, 1 - (_ted(tree(pred), tree(answer)) / _ted(tree({}), tree(answer))))
+
+
+@pytest.mark.parametrize("pred", [{}, {"a": "1"}, {"text_sequence": ""}])
+def test_an_answer_without_fields_scores_zero_as_in_donut(pred):
+    assert _donut_cal_acc(pred, {}) == 0
+    assert ted_accuracy(pred, {}) == 0.0
+    assert ted_accuracy(pred, {"text_sequence": " "}) == 0.0  # normalises to no fields
+    # Where Donut's expression is defined, it is what we compute.
+    assert ted_accuracy(pred, ANSWER) == pytest.approx(_donut_cal_acc(pred, ANSWER))
+
+
+def test_cord_scores_of_answers_without_fields():
+    # An empty answer string parses to {"text_sequence": ""}: no fields, so TED accuracy 0 even for "".
+    assert cord_scores([""], [""])["ted_accuracy"] == 0.0
+    assert cord_scores(["<s_a>1</s_a>", ""], ["", json2token(ANSWER)])["ted_accuracy"] == 0.0
+    assert cord_scores([json2token(ANSWER), ""], [json2token(ANSWER), ""])["ted_accuracy"] == 0.5
+    assert field_f1([{}], [{}]) == 1.0  # nothing expected, nothing predicted: no field was missed
 
 
 def test_cord_scores_on_mutated_outputs_never_raises():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import signal
 import sys
 import traceback
@@ -21,26 +22,53 @@ log = logging.getLogger("vlm_sweep")
 
 # Errors whose message is the whole story: print one line, no traceback.
 USER_ERRORS = ("ConfigError", "ModelLoadError", "DatasetLoadError", "BadRecordError",
-               "CheckpointError", "LoraTargetError", "MediaError")
+               "CheckpointError", "LoraTargetError", "MediaError", "TrackingError")
 
 
-def format_summary(result) -> str:
+def format_summary(result, resume_hint: Optional[str] = None) -> str:
     def fmt(v: Optional[float]) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
     lines = [
         f"run {result.status} at step {result.step}: loss {fmt(result.first_loss)} -> "
         f"{fmt(result.final_loss)}, val_loss {fmt(result.val_loss)}",
+    ]
+    evals = {k: v for k, v in sorted(result.metrics.items()) if k.startswith("eval/")}
+    if evals:
+        lines.append("  " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+    lines += [
         f"  run dir:    {result.run_dir}",
         f"  checkpoint: {result.checkpoint or 'none'}",
     ]
     if result.mlflow_run_id:
         lines.append(f"  mlflow:     run {result.mlflow_run_id} in {result.mlflow_uri}")
+    if resume_hint:
+        lines.append(f"  resume:     {resume_hint}")
     return "\n".join(lines)
+
+
+def resume_command(ctx) -> str:
+    """The exact command that continues this run (a plain run's dir is timestamped: pin it)."""
+    args = " ".join(shlex.quote(a) for a in ctx.overrides if not a.startswith("hydra.run.dir="))
+    if ctx.is_multirun:
+        return f"the same -m command with hydra.sweep.dir={shlex.quote(str(ctx.sweep_dir))}"
+    return f"python launch.py {args} hydra.run.dir={shlex.quote(str(ctx.run_dir))}".replace("  ", " ")
 
 
 def _is_user_error(err: BaseException) -> bool:
     return type(err).__name__ in USER_ERRORS or str(err).startswith("config error:")
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _log_to_files(message: str) -> None:
+    """Record an error in launch.log without printing it to the console a second time."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def run_job(cfg: DictConfig) -> Optional[float]:
@@ -62,8 +90,13 @@ def run_job(cfg: DictConfig) -> Optional[float]:
                          overrides=ctx.overrides, log_path=str(ctx.log_path), run_dir=str(ctx.run_dir),
                          slurm_job_id=ctx.slurm_job_id, **extra)
 
-    if main:
-        write_status(ctx.run_dir, status("RUNNING"))
+    started = {"yes": False}
+
+    def on_start() -> None:
+        started["yes"] = True
+        if main:
+            write_status(ctx.run_dir, status("RUNNING"))
+
     parent = ctx.parent_run
     run_info = {
         "parent_run_id": parent["run_id"] if parent else None,
@@ -77,17 +110,25 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         validate_config(cfg)
         from vlm_sweep.train import run
 
-        result = run(cfg, ctx.run_dir, run_info=run_info)
-    except Exception as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        result = run(cfg, ctx.run_dir, run_info=run_info, on_start=on_start)
+    except KeyboardInterrupt:
         if main:
+            write_status(ctx.run_dir, status("KILLED", error="stopped by Ctrl-C before a checkpoint; "
+                                             "the rerun resumes from the previous one"))
+        print(f"stopped by Ctrl-C; resume with: {resume_command(ctx)}", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        message = _first_line(err)
+        # A start refused before it began (e.g. a checkpoint that does not fit this config)
+        # leaves an existing run's records exactly as they were.
+        if main and (started["yes"] or previous is None):
             tracking = ctx.run_dir / "tracking.json"
             run_id = json.loads(tracking.read_text())["run_id"] if tracking.exists() else None
             write_status(ctx.run_dir, status("FAILED", error=f"{type(err).__name__}: {message}",
                                              mlflow_run_id=run_id))
         if _is_user_error(err):
             print(message if message.startswith("config error:") else f"error: {message}", file=sys.stderr)
-            log.error(message)
+            _log_to_files(message)  # the console already has the line
             if not ctx.is_multirun:
                 sys.exit(2)
         else:
@@ -101,19 +142,21 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         objective = result.final_loss
     else:
         objective = result.metrics.get(cfg.objective_metric)
-    state, error = result.status, None
+    state, error, hint = result.status, None, None
     if result.stop_signal:
         name = signal.Signals(result.stop_signal).name
         state = "PREEMPTED" if result.stop_signal == signal.SIGUSR2 else "KILLED"
-        error = (f"stopped by {name} at step {result.step} after checkpointing; run the same command "
-                 f"again to resume")
+        hint = resume_command(ctx)
+        error = f"stopped by {name} at step {result.step}; resume with: {hint}"
     if main:
         write_status(ctx.run_dir, status(
             state, error=error, step=result.step, final_loss=result.final_loss, val_loss=result.val_loss,
             metrics={k: v for k, v in result.metrics.items() if k.startswith("eval/")},
             tokens_per_s=mean_tokens_per_s(ctx.run_dir), objective=objective,
             mlflow_run_id=result.mlflow_run_id))
-    log.info("\n%s", format_summary(result))
+        log.info("\n%s", format_summary(result, hint))
+    if result.stop_signal == signal.SIGINT:
+        sys.exit(130)  # Ctrl-C: checkpointed; one line above, no traceback
     if result.stop_signal:
         # Preempted: checkpointed. Hand the signal to whoever handled it before us: submitit
         # requeues the job; a plain process ends as if killed by it.

@@ -4,7 +4,7 @@
         [dataset=cord_v2 dataset.split=test ...] [--max-samples N] [--compare-base]
 
 Hydra-style overrides select the data set (default: the one the checkpoint was trained
-on). Writes ``predictions.jsonl`` (one row per record) and ``summary.json`` to
+on, with its settings, e.g. a local ``dataset.path``; ``dataset.<key>=`` overrides one). Writes ``predictions.jsonl`` (one row per record) and ``summary.json`` to
 ``--output-dir`` (default ``<checkpoint>/eval_<dataset>_<split>``) and prints the metrics;
 ``--compare-base`` puts the untrained base model's metrics next to them.
 """
@@ -20,21 +20,50 @@ from typing import Any, Dict, List, Optional
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+def _overridden_keys(overrides: List[str], prefix: str) -> List[str]:
+    """Keys under ``prefix.`` that the command line sets (``dataset.split=test`` -> ``split``)."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o or o.startswith("~")]
+    return [k[len(prefix) + 1:] for k in keys if k.startswith(f"{prefix}.")]
+
+
+def with_run_dataset(cfg: Any, overrides: List[str], run_config: Optional[dict]) -> Any:
+    """``cfg`` whose data set settings are the run's (path, format, pixel budget, ...).
+
+    A run trained on ``dataset.path=DIR`` is evaluated on DIR, not on the hub id its dataset
+    config names. ``dataset=<name>`` on the command line picks another data set (nothing is
+    reused); ``dataset.<key>=...`` overrides win over the run's value for that key.
+    """
+    from omegaconf import OmegaConf, open_dict
+
+    if not run_config or "dataset" not in run_config or any(o.startswith("dataset=") for o in overrides):
+        return cfg
+    known = set(cfg.dataset.keys())
+    run_dataset = OmegaConf.create({k: v for k, v in run_config["dataset"].items() if k in known})
+    merged = OmegaConf.merge(cfg.dataset, run_dataset)
+    for key in _overridden_keys(overrides, "dataset"):  # the command line's value, as Hydra composed it
+        with open_dict(merged):
+            OmegaConf.update(merged, key, OmegaConf.select(cfg.dataset, key), merge=False)
+    cfg.dataset = merged
+    return cfg
+
+
 def compose_config(overrides: List[str], run_config: Optional[dict]) -> Any:
-    """The composed config; the dataset defaults to the checkpoint's own."""
+    """The composed config; the data set defaults to the checkpoint's own, with its settings."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from vlm_sweep.config.schema import register_configs
 
+    composed = list(overrides)
     if run_config and not any(o.startswith("dataset=") for o in overrides):
         name = run_config["dataset"]["name"]
         if (CONF_DIR / "dataset" / f"{name}.yaml").exists():
-            overrides = [f"dataset={name}", *overrides]
+            composed = [f"dataset={name}", *overrides]
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        cfg = compose(config_name="config", overrides=composed)
+    return with_run_dataset(cfg, overrides, run_config)
 
 
 def load_eval_samples(dataset_cfg: Any, max_samples: Optional[int]) -> List[Any]:
@@ -64,6 +93,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--output-dir", default=None)
     p.add_argument("--compare-base", action="store_true", help="also score the untrained base model")
     args, overrides = p.parse_known_args(argv)
+    from vlm_sweep.console import silence_known_noise
+
+    silence_known_noise()
 
     from vlm_sweep.cli import USER_ERRORS
     from vlm_sweep.config.validate import validate_config
@@ -116,8 +148,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, rows in rows_by_model.items():
             for row in rows:
                 fh.write(json.dumps({"model": name, **row}, ensure_ascii=False) + "\n")
-    summary = {"checkpoint": args.checkpoint_path, "dataset": cfg.dataset.name, "split": cfg.dataset.split,
-               "num_samples": len(samples), "metrics": results}
+    summary = {"checkpoint": args.checkpoint_path, "dataset": cfg.dataset.name, "dataset_path": str(cfg.dataset.path),
+               "split": cfg.dataset.split, "num_samples": len(samples), "metrics": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{cfg.dataset.name}/{cfg.dataset.split}: {len(samples)} records, predictions in {out}")
     print(format_table(results))

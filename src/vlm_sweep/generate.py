@@ -59,9 +59,25 @@ def _format(text: str, output_format: str) -> Any:
     return text
 
 
+def video_problem(family_name: str, rows: List[Dict[str, Any]], input_jsonl: Optional[str]) -> Optional[str]:
+    """One line when a row asks for video but the model's family takes none (else None)."""
+    from vlm_sweep.models.registry import MODEL_FAMILIES, get_family
+
+    with_video = [i for i, row in enumerate(rows) if row.get("video")]
+    if not with_video or get_family(family_name).supports_video:
+        return None
+    where = f"{input_jsonl} row {with_video[0] + 1} has a video" if input_jsonl else "--video"
+    capable = ", ".join(sorted(n for n, f in MODEL_FAMILIES.items() if f.supports_video))
+    return (f"error: {where}, but this checkpoint is a {family_name} model, which takes no video input; "
+            f"use a checkpoint of a video-capable family ({capable})")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
+    from vlm_sweep.console import silence_known_noise
     from vlm_sweep.data.media import MediaError
+
+    silence_known_noise()
 
     try:
         if args.input_jsonl:
@@ -86,6 +102,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         loaded = load_for_inference(args.checkpoint_path, dtype=args.dtype)
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    problem = video_problem(loaded.family, rows, args.input_jsonl)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)

@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,13 +41,24 @@ def resolved_config(cfg: DictConfig) -> Dict[str, Any]:
     return redact(OmegaConf.to_container(cfg, resolve=True))
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU computes bf16 matmuls natively (else bf16 is emulated, slower)."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def resolved_precision(parallel_cfg: Any) -> str:
-    """auto -> bf16 on a bf16-capable GPU, else no (fp32)."""
+    """auto -> bf16 where the device runs it natively (a bf16 GPU, a CPU with AVX512-BF16/AMX), else no (fp32)."""
     import torch
 
     precision = parallel_cfg.mixed_precision
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "no"
+        else:
+            precision = "bf16" if cpu_has_native_bf16() else "no"
     return precision
 
 
@@ -58,6 +69,8 @@ def _make_accelerator(parallel_cfg: Any) -> Any:
 
     # Under FSDP2 the sharding policy casts parameters; Accelerate's autocast stays off.
     precision = "no" if parallel_cfg.strategy == "fsdp" else resolved_precision(parallel_cfg)
+    log.info("mixed precision: %s (parallel.mixed_precision=%s)", "fp32" if precision == "no" else precision,
+             parallel_cfg.mixed_precision)
     from accelerate.utils import DistributedDataParallelKwargs
 
     # A rank whose batch has no image leaves the vision tower without gradients: DDP must
@@ -69,33 +82,10 @@ def _make_accelerator(parallel_cfg: Any) -> Any:
                        kwargs_handlers=handlers)
 
 
-def _loaders(cfg: DictConfig, datasets: Dict[str, Any], collator: Any, accelerator: Any):
-    import torch
-    from torch.utils.data import DataLoader
-    from torchdata.stateful_dataloader import StatefulDataLoader
-
-    from vlm_sweep.data.sampler import ShardedIndexSampler
-
-    train = datasets["train"]
-    lengths = train.length_hints() if cfg.dataset.group_by_length else None
-    sampler = ShardedIndexSampler(
-        len(train), rank=accelerator.process_index, world_size=accelerator.num_processes,
-        seed=cfg.seed, lengths=lengths, batch_size=cfg.step_scheduler.micro_batch_size)
-    # A private generator: creating a loader iterator must not draw from the global RNG
-    # (a resumed run creates it after restoring RNG state, an uninterrupted one before).
-    generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-    train_loader = StatefulDataLoader(
-        train, batch_size=cfg.step_scheduler.micro_batch_size, sampler=sampler,
-        collate_fn=collator, num_workers=cfg.dataset.num_workers, generator=generator)
-    val_loader = None
-    if "validation" in datasets:
-        val = datasets["validation"]
-        # Under FSDP every rank must run the same forwards: each validates on the whole split.
-        shard = list(range(len(val))) if cfg.parallel.strategy == "fsdp" else \
-            list(range(accelerator.process_index, len(val), accelerator.num_processes))
-        val_loader = DataLoader(val, batch_size=cfg.step_scheduler.micro_batch_size, sampler=shard,
-                                collate_fn=collator, num_workers=cfg.dataset.num_workers)
-    return train_loader, val_loader
+def enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant checkpointing of every block (correct with LoRA, DDP and FSDP2)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    log.info("activation checkpointing on")
 
 
 def _eval_samples(cfg: DictConfig, datasets: Dict[str, Any]) -> list:
@@ -116,31 +106,46 @@ def _truncate_metrics_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = None) -> RunResult:
-    """Train the configured run inside ``run_dir``; resumes from its checkpoints if present.
+@dataclass
+class RunParts:
+    """What the recipe builds before any record of the run is touched."""
 
-    ``run_info`` (parent_run_id, run_name, tags) places the MLflow run inside a sweep.
-    """
+    accelerator: Any
+    model: Any
+    processor: Any
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    val_loader: Any
+    datasets: Dict[str, Any]
+    collator: Any
+    counts: Dict[str, int]
+
+
+def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
+    """Model, data, optimizer: everything heavy, before the run's records change."""
     from accelerate.utils import set_seed
 
     from vlm_sweep.data.collate import VLMCollator
     from vlm_sweep.data.datasets import build_datasets
+    from vlm_sweep.data.loaders import build_loaders
     from vlm_sweep.models.load import load_model_and_processor
     from vlm_sweep.models.registry import get_family
-    from vlm_sweep.tracking import make_tracker
-    from vlm_sweep.training import checkpoint as ckpt
     from vlm_sweep.training.freeze import apply_freeze, trainable_by_component
     from vlm_sweep.training.lora import apply_lora
     from vlm_sweep.training.optim import build_optimizer, build_scheduler
-    from vlm_sweep.training.trainer import Trainer
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = _make_accelerator(cfg.parallel)
     set_seed(cfg.seed)
     family = get_family(cfg.model.family)
+    if accelerator.is_main_process and cfg.tracking.backend == "mlflow":
+        from vlm_sweep.tracking import check_tracking_store, default_tracking_uri
+
+        check_tracking_store(cfg.tracking.uri or default_tracking_uri(cfg.paths.output_root))
 
     model, processor = load_model_and_processor(cfg.model)
+    if cfg.parallel.activation_checkpointing:
+        enable_activation_checkpointing(model)
     if cfg.peft.method == "lora":
         model = apply_lora(model, family, cfg.peft, cfg.freeze)
     counts = apply_freeze(model, family, cfg.freeze)
@@ -154,7 +159,10 @@ def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = Non
     datasets = build_datasets(cfg.dataset)
     collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record,
                            min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels)
-    train_loader, val_loader = _loaders(cfg, datasets, collator, accelerator)
+    train_loader, val_loader = build_loaders(
+        cfg.dataset, cfg.step_scheduler, datasets, collator, seed=cfg.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, shard_validation=cfg.parallel.strategy != "fsdp",
+        pin_memory=accelerator.device.type == "cuda")
     if cfg.parallel.strategy == "fsdp":
         from vlm_sweep.training.distributed import shard_with_fsdp2, sharding_summary
 
@@ -168,29 +176,63 @@ def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = Non
         optimizer = build_optimizer(model, cfg.optimizer)
         model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.step_scheduler.max_steps, cfg.optimizer.lr)
+    return RunParts(accelerator, model, processor, optimizer, scheduler, train_loader, val_loader,
+                    datasets, collator, counts)
 
+
+def _open_tracker(cfg: DictConfig, run_dir: Path, parts: RunParts, resumed_at: Optional[int],
+                  config_data: Dict[str, Any], run_info: Optional[Dict[str, Any]]) -> Any:
+    """The run's tracker and records: continued on resume, started clean otherwise.
+
+    A fresh start in a dir that already has records (a run killed before its first
+    checkpoint) drops them: its metrics.jsonl and its MLflow run, so the run dir holds
+    exactly one run whose curve equals an uninterrupted one.
+    """
+    from vlm_sweep.tracking import discard_run, flatten, make_tracker
+
+    main = parts.accelerator.is_main_process
+    tracking_file, metrics_file = run_dir / "tracking.json", run_dir / "metrics.jsonl"
+    previous_run = json.loads(tracking_file.read_text())["run_id"] if tracking_file.exists() else None
+    if main and resumed_at is None:
+        metrics_file.unlink(missing_ok=True)
+        if previous_run and cfg.tracking.backend == "mlflow":
+            discard_run(cfg.tracking, cfg.paths.output_root, previous_run)
+        tracking_file.unlink(missing_ok=True)
+    if main and resumed_at is not None:
+        _truncate_metrics_log(metrics_file, resumed_at)
+    tracker = make_tracker(cfg.tracking, cfg.paths.output_root, main,
+                           run_id=previous_run if resumed_at is not None else None, **(run_info or {}))
+    if main and tracker.run_id:
+        tracking_file.write_text(json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}))
+        if resumed_at is None or previous_run is None:
+            tracker.log_params({**flatten(config_data), **parts.counts})
+            tracker.log_artifact(str(run_dir / "config.yaml"))
+        else:
+            tracker.backfill(metrics_file, through_step=resumed_at)
+    return tracker
+
+
+def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = None,
+        on_start: Optional[Callable[[], None]] = None) -> RunResult:
+    """Train the configured run inside ``run_dir``; resumes from its checkpoints if present.
+
+    ``run_info`` (parent_run_id, run_name, tags) places the MLflow run inside a sweep.
+    ``on_start`` is called once the start is accepted (a resume the checkpoint refuses
+    raises before any record of the run changes).
+    """
+    from vlm_sweep.tracking import NullTracker
+    from vlm_sweep.training import checkpoint as ckpt
+    from vlm_sweep.training.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    parts = _build(cfg, run_dir)
+    accelerator = parts.accelerator
     checkpoint_root = Path(cfg.checkpoint.dir)
     if not checkpoint_root.is_absolute():
         checkpoint_root = run_dir / checkpoint_root
-    resume_from = ckpt.resolve_resume(cfg.checkpoint, checkpoint_root)
-
-    tracking_file = run_dir / "tracking.json"
-    previous_run = json.loads(tracking_file.read_text())["run_id"] if (
-        resume_from and tracking_file.exists()) else None
-    tracker = make_tracker(cfg.tracking, cfg.paths.output_root, accelerator.is_main_process,
-                           run_id=previous_run, **(run_info or {}))
     config_data = resolved_config(cfg)
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(config_data))
-    if accelerator.is_main_process:
-        (run_dir / "config.yaml").write_text(config_yaml)
-        if tracker.run_id:
-            tracking_file.write_text(json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}))
-            if previous_run is None:
-                from vlm_sweep.tracking import flatten
-
-                tracker.log_params({**flatten(config_data), **counts})
-                tracker.log_artifact(str(run_dir / "config.yaml"))
-
     last_saved: Dict[str, Optional[Path]] = {"path": None}
 
     def save(trainer: Trainer, metrics: Dict[str, float]) -> None:
@@ -204,26 +246,34 @@ def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = Non
                 is_best = True
         last_saved["path"] = ckpt.save_checkpoint(
             checkpoint_root, trainer.step, accelerator=accelerator, model=trainer.model,
-            processor=processor, optimizer=optimizer, scheduler=scheduler,
-            dataloader=train_loader, trainer_state=trainer.trainer_state(),
+            processor=parts.processor, optimizer=parts.optimizer, scheduler=parts.scheduler,
+            dataloader=parts.train_loader, trainer_state=trainer.trainer_state(),
             config_yaml=config_yaml, checkpoint_cfg=cfg.checkpoint, is_best=is_best)
 
-    trainer = Trainer(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer,
-                      scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
-                      tracker=tracker, run_dir=run_dir, save_fn=save, processor=processor,
-                      eval_samples=_eval_samples(cfg, datasets), media_kwargs=collator.media_kwargs)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, accelerator=accelerator, model=model,
-                                     optimizer=optimizer, scheduler=scheduler, dataloader=train_loader)
+    trainer = Trainer(cfg=cfg, accelerator=accelerator, model=parts.model, optimizer=parts.optimizer,
+                      scheduler=parts.scheduler, train_loader=parts.train_loader,
+                      val_loader=parts.val_loader, tracker=NullTracker(), run_dir=run_dir, save_fn=save,
+                      processor=parts.processor, eval_samples=_eval_samples(cfg, parts.datasets),
+                      media_kwargs=parts.collator.media_kwargs)
+    resume_from = ckpt.resolve_resume(cfg.checkpoint, checkpoint_root)
+    if resume_from is not None:  # refuses (CheckpointError) a checkpoint that does not fit this config
+        state = ckpt.load_checkpoint(resume_from, accelerator=accelerator, model=parts.model,
+                                     optimizer=parts.optimizer, scheduler=parts.scheduler,
+                                     dataloader=parts.train_loader)
         trainer.load_trainer_state(state)
-        trainer.tracker_logged_through = tracker.last_logged_step()
-        if accelerator.is_main_process:
-            _truncate_metrics_log(run_dir / "metrics.jsonl", trainer.step)
         last_saved["path"] = resume_from
         log.info("resumed from %s at step %d", resume_from, trainer.step)
 
+    # The start is accepted: from here on the run's records change.
+    if on_start is not None:
+        on_start()
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(config_yaml)
     status = "FAILED"
+    trainer.tracker = tracker = _open_tracker(
+        cfg, run_dir, parts, trainer.step if resume_from is not None else None, config_data, run_info)
     try:
+        trainer.tracker_logged_through = tracker.last_logged_step()
         status = trainer.fit()
     except KeyboardInterrupt:
         status = "KILLED"

@@ -7,6 +7,7 @@ Every failure is one line naming the offending key, e.g.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterable, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -63,6 +64,7 @@ def validate_config(cfg: DictConfig) -> None:
     except Exception as err:  # interpolation errors name the key themselves
         raise ConfigError(f"config error: {str(err).splitlines()[0]}") from None
 
+    _check_missing(cfg)
     positive = (lambda v: v > 0, "must be > 0")
     non_negative = (lambda v: v >= 0, "must be >= 0")
 
@@ -74,7 +76,10 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, "dataset.format", sorted(RECORD_FORMATS))
     _choice(cfg, "dataset.on_bad_record", ["error", "skip"])
     _where(cfg, "dataset.max_length", *positive)
-    _where(cfg, "dataset.num_workers", *non_negative)
+    _where(cfg, "dataset.min_usable_fraction", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    if cfg.dataset.num_workers is not None:
+        _where(cfg, "dataset.num_workers", *non_negative)
+    _where(cfg, "dataset.preflight_samples", *non_negative)
     for key in ("dataset.max_train_samples", "dataset.max_val_samples"):
         if OmegaConf.select(cfg, key) is not None:
             _where(cfg, key, *positive)
@@ -139,6 +144,7 @@ def validate_config(cfg: DictConfig) -> None:
     if best is not None:
         _check(best == "val_loss" or best.startswith("eval/"), "checkpoint.best_metric",
                "must be 'val_loss' or 'eval/<metric>'", best)
+        _check_eval_metric(cfg, "checkpoint.best_metric", best)
     if cfg.eval.every_steps is not None:
         _where(cfg, "eval.every_steps", *positive)
     for key in ("eval.num_samples", "eval.max_new_tokens", "eval.batch_size"):
@@ -148,48 +154,109 @@ def validate_config(cfg: DictConfig) -> None:
            "must name a split when eval.every_steps or checkpoint.best_metric is set", cfg.dataset.val_split)
 
     _choice(cfg, "tracking.backend", ["mlflow", "none"])
+    uri_problem = tracking_uri_problem(cfg.tracking.uri)
+    if uri_problem:
+        raise ConfigError(uri_problem)
     _where(cfg, "tracking.flush_every_steps", *positive)
     _where(cfg, "seed", *non_negative)
     _choice(cfg, "objective_mode", ["min", "max"])
     objective = cfg.objective_metric
     _check(objective in ("loss", "val_loss") or objective.startswith("eval/"), "objective_metric",
            "must be 'loss', 'val_loss' or 'eval/<metric>'", objective)
+    if objective.startswith("eval/"):
+        _check_eval_metric(cfg, "objective_metric", objective)
+        _check(cfg.eval.every_steps is not None or (best or "").startswith("eval/"), "objective_metric",
+               "is a generation metric but nothing measures it: set eval.every_steps", objective)
 
 
-def check_cli_overrides(args: List[str]) -> Optional[str]:
-    """One-line error for a command-line override whose key or type the schema rejects.
+def _check_missing(cfg: DictConfig) -> None:
+    """A mandatory value (``???``) left unset: name the key and what to set."""
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    if "hydra" in plain:
+        del plain["hydra"]
+    for key in sorted(OmegaConf.missing_keys(plain)):
+        hint = {"dataset.path": f" (dataset={OmegaConf.select(cfg, 'dataset.name')} reads your data: "
+                                "set dataset.path=/path/to/file.jsonl or a directory)"}.get(key, "")
+        raise ConfigError(f"config error: {key} must be set{hint}")
 
-    Hydra reports these itself, but over several lines; this runs first and names the key
-    in one. Group choices (``model=gemma3``), ``hydra.*``, ``+``/``~`` overrides and
-    interpolations are left to Hydra. Returns the message, or None when all is well.
+
+def _check_eval_metric(cfg: DictConfig, key: str, metric: str) -> None:
+    """``eval/<name>`` must be a metric the data set's task metric reports."""
+    from vlm_sweep.metrics.tasks import TASK_METRIC_NAMES
+
+    names = TASK_METRIC_NAMES.get(cfg.dataset.format, ())
+    _check(metric[len("eval/"):] in names, key,
+           f"names no metric of dataset.format={cfg.dataset.format} (it reports "
+           f"{', '.join('eval/' + n for n in names)})", metric)
+
+
+def tracking_uri_problem(uri: Optional[str]) -> Optional[str]:
+    """A one-line refusal when tracking.uri carries credentials (they would reach disk and the tracker)."""
+    from vlm_sweep.tracking import CREDENTIALS_IN_URI_ERROR, uri_has_credentials
+
+    if uri and uri_has_credentials(str(uri)):
+        return CREDENTIALS_IN_URI_ERROR
+    return None
+
+
+def check_cli_overrides(args: List[str], conf_dir: Optional[Path] = None) -> Optional[str]:
+    """One-line error for a command-line override whose key, type or group option is wrong.
+
+    Hydra reports these itself, but over several lines (or a config dump); this runs first
+    and names the key in one. ``+``/``~`` overrides, ``hydra.*`` and interpolations are left
+    to Hydra. A credential inside ``tracking.uri`` is refused here, before Hydra writes the
+    overrides into the run dir. Returns the message, or None when all is well.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf.errors import OmegaConfBaseException
-
-    from vlm_sweep.config.schema import RunConfig
 
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
     except Exception:  # a syntax error: Hydra explains it
         return None
-    schema = OmegaConf.structured(RunConfig)
     for override in overrides:
         key = override.key_or_group
-        if override.is_add() or override.is_delete() or override.package or "." not in key \
-                or key.startswith("hydra."):
+        if override.is_add() or override.is_delete() or override.package or key.startswith("hydra"):
             continue
         try:
             values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         except Exception:  # interval() and other non-enumerable sweeps: Hydra checks them
             continue
+        check = _check_group_choice if "." not in key else _check_key_value
         for value in values:
-            if isinstance(value, str) and "${" in value:
-                continue
-            try:
-                OmegaConf.update(schema, key, value, merge=True)
-            except OmegaConfBaseException as err:
-                reason = str(err).splitlines()[0]
-                if "not in" in reason or "Key '" in reason:
-                    return f"config error: {key} is not a known key ({reason})"
-                return f"config error: {key}={value!r}: {reason}"
+            problem = check(key, value, conf_dir)
+            if problem:
+                return problem
+    return None
+
+
+def _check_group_choice(group: str, value: Any, conf_dir: Optional[Path]) -> Optional[str]:
+    """``model=tiny_gemma``: the option must be a file of that config group."""
+    folder = conf_dir / group if conf_dir is not None else None
+    if folder is None or not folder.is_dir() or value is None or not isinstance(value, str):
+        return None
+    if (folder / f"{value}.yaml").exists():
+        return None
+    options = sorted(p.stem for p in folder.glob("*.yaml"))
+    return f"config error: {group}={value} is not an option of '{group}'; choose one of {', '.join(options)}"
+
+
+def _check_key_value(key: str, value: Any, conf_dir: Optional[Path]) -> Optional[str]:
+    """``optimizer.lr=abc``: the key must exist in the schema and the value fit its type."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from vlm_sweep.config.schema import RunConfig
+
+    if isinstance(value, str) and "${" in value:
+        return None
+    if key == "tracking.uri" and value is not None:
+        problem = tracking_uri_problem(str(value))
+        if problem:
+            return problem
+    try:
+        OmegaConf.update(OmegaConf.structured(RunConfig), key, value, merge=True)
+    except OmegaConfBaseException as err:
+        reason = str(err).splitlines()[0]
+        if "not in" in reason or "Key '" in reason:
+            return f"config error: {key} is not a known key ({reason})"
+        return f"config error: {key}={value!r}: {reason}"
     return None

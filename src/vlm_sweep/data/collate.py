@@ -1,81 +1,177 @@
 """Batch conversations through the processor's chat template and label the answers.
 
-Labels are -100 everywhere except the assistant's answer tokens and the
-end-of-turn token that closes each assistant turn. The assistant header (e.g.
-Gemma's ``<start_of_turn>model\\n``, Qwen's ``<|im_start|>assistant\\n``) and the
-end-of-turn token are derived ONCE from the processor's own chat template, so no
-family is hard-coded and no per-batch work is spent rediscovering them.
+Labels are -100 everywhere except each assistant answer and the end-of-turn token
+that closes it. Where an answer starts is read ONCE per processor from its own chat
+template: probe conversations with several assistant turns are rendered and the text
+in front of every probe answer is an assistant header. A template may open earlier
+turns differently from the last one (one renders ``Assistant\\n`` for earlier turns
+but ``Assistant\\n<think>\\n`` for the final turn and the generation prompt), so the
+markers hold every header seen; the longest one that matches wins. No family is
+hard-coded and no per-batch work is spent rediscovering them.
 
 Samples may carry any number of images, videos, or none at all, mixed in one batch;
-pixel budgets and video timing reach the processor through ``MediaKwargs``.
+pixel budgets and video timing reach the processor through ``MediaKwargs``. A record
+the processor cannot encode is found by encoding the batch's records one by one: it
+is a ``BadRecordError`` naming it (or skipped and counted under ``skip``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+import logging
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
 from vlm_sweep.data.datasets import BadRecordError, Sample
 from vlm_sweep.data.processor_kwargs import MediaKwargs
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
-_PROBE_Q, _PROBE_A = "Probe question", "Probe answer"
+_PROBE_SYSTEM = "Probe system prompt"
+_PROBE_QUESTIONS = ("Probe question one", "Probe question two", "Probe question three")
+_PROBE_ANSWERS = ("Probe answer one", "Probe answer two", "Probe answer three")
+# Markers computed once per processor object (a collator per split, generation, ... share them).
+_CACHE: "weakref.WeakKeyDictionary[Any, AssistantMarkers]" = weakref.WeakKeyDictionary()
+
+
+def _text_turn(role: str, text: str) -> Dict[str, Any]:
+    return {"role": role, "content": [{"type": "text", "text": text}]}
+
+
+def _probe(turns: int, system: bool) -> List[Dict[str, Any]]:
+    """A conversation of ``turns`` question/answer rounds (and a system prompt first, if asked)."""
+    conversation = [_text_turn("system", _PROBE_SYSTEM)] if system else []
+    for question, answer in zip(_PROBE_QUESTIONS[:turns], _PROBE_ANSWERS[:turns]):
+        conversation += [_text_turn("user", question), _text_turn("assistant", answer)]
+    return conversation
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a, b]))
 
 
 @dataclass(frozen=True)
 class AssistantMarkers:
-    """Token ids that open an assistant turn and the one that closes it."""
+    """Token ids that open an assistant turn and those that close it.
 
-    header_ids: tuple
+    ``header_ids``/``end_id``: the generation prompt's header and the final turn's end
+    token; ``headers``/``end_ids``: every header and end token the template uses.
+    """
+
+    header_ids: Tuple[int, ...]
     end_id: int
+    headers: Tuple[Tuple[int, ...], ...] = ()
+    end_ids: FrozenSet[int] = frozenset()
+    _by_first: Dict[int, List[Tuple[int, ...]]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        headers = set(self.headers) | {self.header_ids}
+        by_first: Dict[int, List[Tuple[int, ...]]] = {}
+        for header in sorted(headers, key=len, reverse=True):  # longest first
+            by_first.setdefault(header[0], []).append(header)
+        object.__setattr__(self, "headers", tuple(sorted(headers, key=len, reverse=True)))
+        object.__setattr__(self, "end_ids", frozenset(self.end_ids) | {self.end_id})
+        object.__setattr__(self, "_by_first", by_first)
+
+    @classmethod
+    def for_processor(cls, processor: Any) -> "AssistantMarkers":
+        """``from_processor``, cached per processor object."""
+        try:
+            return _CACHE[processor]
+        except KeyError:
+            markers = _CACHE[processor] = cls.from_processor(processor)
+            return markers
+        except TypeError:  # not weak-referenceable or unhashable: no cache
+            return cls.from_processor(processor)
 
     @classmethod
     def from_processor(cls, processor: Any) -> "AssistantMarkers":
-        """Render a probe conversation through the chat template and read the markers off it."""
+        """Render probe conversations through the chat template and read the markers off them."""
         tokenizer = processor.tokenizer
-        user = [{"role": "user", "content": [{"type": "text", "text": _PROBE_Q}]}]
-        full = user + [{"role": "assistant", "content": [{"type": "text", "text": _PROBE_A}]}]
-        render = processor.apply_chat_template
-        prompt = render(user, tokenize=False, add_generation_prompt=False)
-        with_header = render(user, tokenize=False, add_generation_prompt=True)
-        complete = render(full, tokenize=False, add_generation_prompt=False)
-        if not (with_header.startswith(prompt) and complete.startswith(with_header)):
-            raise ValueError("chat template: the generation prompt is not a prefix of the assistant turn")
-        header = with_header[len(prompt):]
-        answer_at = complete.index(_PROBE_A, len(with_header))
-        closing = complete[answer_at + len(_PROBE_A):]
-        encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-        header_ids, closing_ids = encode(header), encode(closing)
-        if not header_ids or not closing_ids:
-            raise ValueError(f"chat template: empty assistant header {header!r} or end {closing!r}")
-        # The turn ends at the first special token of the closing text (Nemotron closes with
-        # "\n<SPECIAL_12>\n": the newline is part of the answer, <SPECIAL_12> is the stop token).
+        encode = lambda text: tuple(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
         specials = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        markers = cls(tuple(header_ids), next((i for i in closing_ids if i in specials), closing_ids[0]))
-        # The header must tokenize the same inside a conversation as on its own.
-        ids = encode(complete)
-        if markers.find_spans(ids) == []:
-            raise ValueError(f"chat template: assistant header {header!r} does not tokenize stably")
+
+        def end_of(closing: str) -> int:
+            # The turn ends at the first special token of the closing text (one template closes with
+            # "\n<SPECIAL_12>\n": the newline is part of the answer, <SPECIAL_12> is the stop token).
+            ids = encode(closing)
+            if not ids:
+                raise ValueError(f"chat template: empty end of the assistant turn {closing!r}")
+            return next((i for i in ids if i in specials), ids[0])
+
+        render = lambda conv, gen=False: processor.apply_chat_template(  # noqa: E731
+            conv, tokenize=False, add_generation_prompt=gen)
+        user = [_text_turn("user", _PROBE_QUESTIONS[0])]
+        prompt, with_header = render(user), render(user, True)
+        if not with_header.startswith(prompt):
+            raise ValueError("chat template: the generation prompt does not extend the conversation")
+        header_ids = encode(with_header[len(prompt):])
+        one_turn = render(_probe(1, system=False))
+        answer_at = one_turn.find(_PROBE_ANSWERS[0], _common_prefix(one_turn, with_header))
+        if not header_ids or answer_at < 0:
+            raise ValueError(f"chat template: no assistant header in {with_header!r}")
+        end_id = end_of(one_turn[answer_at + len(_PROBE_ANSWERS[0]):])
+        headers, end_ids, probes = {header_ids}, {end_id}, []
+        for turns, system in ((3, False), (2, True)):
+            conversation = _probe(turns, system)
+            try:
+                full = render(conversation)
+            except Exception:  # noqa: BLE001 - a template may refuse system turns
+                if system:
+                    continue
+                raise
+            probes.append((full, turns))
+            for k in range(turns):
+                before = render(conversation[: conversation.index(_text_turn("user", _PROBE_QUESTIONS[k])) + 1])
+                start = _common_prefix(before, full)
+                at = full.find(_PROBE_ANSWERS[k], start)
+                header = encode(full[start:at]) if at >= 0 else ()
+                if not header:
+                    raise ValueError(f"chat template: no header in front of assistant turn {k + 1} in {full!r}")
+                headers.add(header)
+                stop = full.find(_PROBE_QUESTIONS[k + 1]) if k + 1 < turns else len(full)
+                end_ids.add(end_of(full[at + len(_PROBE_ANSWERS[k]):stop]))
+        markers = cls(header_ids, end_id, tuple(headers), frozenset(end_ids))
+        for full, turns in probes:
+            markers._check(full, turns, tokenizer)
         return markers
 
-    def find_spans(self, ids: Sequence[int]) -> List[tuple]:
+    def _check(self, rendered: str, turns: int, tokenizer: Any) -> None:
+        """Every probe answer must come out as one span: headers tokenize the same in context."""
+        ids = list(tokenizer.encode(rendered, add_special_tokens=False))
+        spans = self.find_spans(ids)
+        texts = [tokenizer.decode(ids[start:end - 1]) for start, end in spans]
+        expected = list(_PROBE_ANSWERS[:turns])
+        if len(texts) != turns or any(t.strip() != a for t, a in zip(texts, expected)):
+            raise ValueError(f"chat template: assistant answers {expected} came out as {texts}: the "
+                             f"assistant headers do not tokenize stably inside a conversation")
+
+    def find_spans(self, ids: Sequence[int]) -> List[Tuple[int, int]]:
         """[start, end) of every assistant answer, end-of-turn token included."""
-        spans, n, h = [], len(ids), len(self.header_ids)
-        i = 0
-        while i <= n - h:
-            if tuple(ids[i:i + h]) == self.header_ids:
-                start = i + h
-                end = start
-                while end < n and ids[end] != self.end_id:
-                    end += 1
-                end = min(end + 1, n)  # include the end-of-turn token when present
-                spans.append((start, end))
-                i = end
-            else:
+        spans: List[Tuple[int, int]] = []
+        ids = list(ids)
+        n, i = len(ids), 0
+        while i < n:
+            header = next((h for h in self._by_first.get(ids[i], ()) if tuple(ids[i:i + len(h)]) == h), None)
+            if header is None:
                 i += 1
+                continue
+            start = end = i + len(header)
+            while end < n and ids[end] not in self.end_ids:
+                end += 1
+            end = min(end + 1, n)  # include the end-of-turn token when present
+            spans.append((start, end))
+            i = end
         return spans
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
 class VLMCollator:
@@ -87,7 +183,7 @@ class VLMCollator:
         self.processor = processor
         self.max_length = max_length
         self.skip_bad = on_bad_record == "skip"
-        self.markers = AssistantMarkers.from_processor(processor)
+        self.markers = AssistantMarkers.for_processor(processor)
         self.media_kwargs = MediaKwargs(processor, min_pixels=min_pixels, max_pixels=max_pixels)
 
     def _encode(self, samples: Sequence[Sample]) -> Dict[str, torch.Tensor]:
@@ -104,32 +200,54 @@ class VLMCollator:
     def labels_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """-100 except the assistant answer spans (padding is never labelled)."""
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
-            length = sum(mask)
+        for row, (ids, length) in enumerate(zip(input_ids.tolist(), attention_mask.sum(dim=1).tolist())):
             for start, end in self.markers.find_spans(ids[:length]):
                 labels[row, start:end] = input_ids[row, start:end]
         return labels
 
+    def _drop_unencodable(self, samples: List[Sample], err: Exception) -> List[Sample]:
+        """The samples the processor can encode, found one by one after ``err`` broke the batch."""
+        kept = []
+        for sample in samples:
+            try:
+                self._encode([sample])
+            except Exception as alone:  # noqa: BLE001 - any processor failure names the record
+                message = f"{sample.record_id}: the processor cannot encode it ({_first_line(alone)})"
+                if not self.skip_bad:
+                    raise BadRecordError(message) from None
+                log.warning("skipping bad record: %s", message)
+            else:
+                kept.append(sample)
+        if len(kept) == len(samples):
+            raise BadRecordError(
+                f"records {', '.join(s.record_id for s in samples)} cannot be batched together "
+                f"({_first_line(err)}); set step_scheduler.micro_batch_size=1") from None
+        return kept
+
     def __call__(self, samples: List[Optional[Sample]]) -> Dict[str, Any]:
         kept = [s for s in samples if s is not None]
-        skipped = len(samples) - len(kept)
         batch: Dict[str, Any] = {}
         while kept:
-            batch = self._encode(kept)
+            try:
+                batch = self._encode(kept)
+            except Exception as err:  # noqa: BLE001 - narrowed to the record(s) at fault
+                kept = self._drop_unencodable(kept, err)
+                batch = {}
+                continue
             lengths = batch["attention_mask"].sum(dim=1).tolist()
             too_long = [i for i, n in enumerate(lengths) if n > self.max_length]
             if not too_long:
                 break
-            first = kept[too_long[0]]
-            message = (f"{first.record_id}: {lengths[too_long[0]]} tokens exceed dataset.max_length="
-                       f"{self.max_length} (raise it, or dataset.on_bad_record=skip)")
-            if not self.skip_bad:
-                raise BadRecordError(message)
+            for i in too_long:
+                message = (f"{kept[i].record_id}: {lengths[i]} tokens exceed dataset.max_length="
+                           f"{self.max_length} (raise it, or dataset.on_bad_record=skip)")
+                if not self.skip_bad:
+                    raise BadRecordError(message)
+                log.warning("skipping bad record: %s", message)
             kept = [s for i, s in enumerate(kept) if i not in too_long]
-            skipped += len(too_long)
             batch = {}
         if batch:
             batch["labels"] = self.labels_for(batch["input_ids"], batch["attention_mask"])
-        batch["num_skipped"] = skipped
+        batch["num_skipped"] = len(samples) - len(kept)
         batch["record_ids"] = [s.record_id for s in kept]
         return batch

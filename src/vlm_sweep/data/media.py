@@ -38,8 +38,56 @@ class VideoFrames(list):
         self.metadata = metadata
 
 
+# Modes with an alpha band; PIL's convert("RGB") just drops it, leaving what was under it (often black).
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+def to_rgb(image: Any) -> Any:
+    """A fully decoded 8-bit RGB copy of ``image``, as a person sees it on screen.
+
+    PIL's ``convert("RGB")`` is right for 8-bit colour and palette modes but not for:
+
+    * transparency (an alpha band, or a palette/greyscale ``transparency`` entry): composited
+      on WHITE, the page a viewer shows, so black ink on a transparent page stays readable;
+    * ``I;16*`` (16-bit greyscale): scaled by 255/65535 (``/257``), where PIL clips at 255;
+    * ``I`` (32-bit int): 16-bit PNGs and TIFFs often open as ``I``, so values within
+      0..65535 are taken as 16-bit (``/257``); otherwise the image's own min..max is
+      stretched to 0..255;
+    * ``F`` (32-bit float): values within 0..1 are taken as a 0..1 range (``x255``),
+      otherwise as 0..255; out-of-range values are clipped.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_grey_to_uint8(image), "L").convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
+        page = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(page, rgba).convert("RGB")
+    return image.convert("RGB")  # also forces the full decode: truncated files fail here
+
+
+def _grey_to_uint8(image: Any) -> Any:
+    """A 16/32-bit or float greyscale image's pixels as uint8, scaled by the mode's value range."""
+    import numpy as np
+
+    values = np.asarray(image)
+    if image.mode == "F":
+        values = values.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0
+        scaled = np.nan_to_num(values * scale, nan=0.0, posinf=255.0, neginf=0.0)
+    elif image.mode.startswith("I;16") or (values.min(initial=0) >= 0 and values.max(initial=0) <= 65535):
+        scaled = values.astype(np.float64) / 257.0
+    else:
+        low, high = float(values.min()), float(values.max())
+        scaled = (values.astype(np.float64) - low) * (255.0 / (high - low or 1.0))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
 def open_image(path: str | Path) -> Any:
-    """A fully decoded RGB PIL image."""
+    """A fully decoded RGB PIL image (``to_rgb``: transparency on white, 16-bit scaled)."""
     from PIL import Image
 
     path = Path(path)
@@ -47,7 +95,7 @@ def open_image(path: str | Path) -> Any:
         raise MediaError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except Exception as err:
         raise MediaError(f"cannot decode image {path}: {err}") from err
 

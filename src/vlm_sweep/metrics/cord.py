@@ -6,9 +6,11 @@
 
 Both normalise first with Donut's ``normalize_dict`` (keys sorted by
 ``(len, key)``, empty values dropped, scalars turned into one-item string
-lists), so key order and ``"x"`` vs ``["x"]`` do not matter. Only the undefined
-0/0 cases differ from Donut (which raises ZeroDivisionError): when the answer
-has no fields, a prediction with no fields scores 1.0 and any other 0.0.
+lists), so key order and ``"x"`` vs ``["x"]`` do not matter. An answer with no fields
+scores 0.0 whatever the prediction, as in Donut: there ``zss`` returns numpy
+floats, so ``TED/0`` is nan (or inf) rather than an error, and ``max(0, 1 - nan)``
+is 0. ``field_f1`` with nothing predicted and nothing expected is 1.0 (Donut
+divides ints by zero there and raises).
 """
 
 from __future__ import annotations
@@ -149,8 +151,8 @@ def ted_accuracy(pred: Any, answer: Any) -> float:
     pred_tree = construct_tree_from_dict(normalize_dict(pred))
     answer_tree = construct_tree_from_dict(normalize_dict(answer))
     worst = _ted(construct_tree_from_dict(normalize_dict({})), answer_tree)
-    if worst == 0:  # empty answer: Donut divides by zero here
-        return 1.0 if _ted(pred_tree, answer_tree) == 0 else 0.0
+    if worst == 0:  # no fields to find: Donut's numpy 0/0 (or x/0) gives max(0, nan or -inf) == 0
+        return 0.0
     return max(0.0, 1.0 - _ted(pred_tree, answer_tree) / worst)
 
 

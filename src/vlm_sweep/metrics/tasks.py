@@ -5,7 +5,7 @@ The training loop logs these as ``eval/<name>`` (see ``vlm_sweep.evaluation``).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 from vlm_sweep.metrics.vqa import choice_scores, free_text_scores
 
@@ -31,4 +31,14 @@ TASK_METRICS: Dict[str, Callable[[List[str], List[str]], Dict[str, float]]] = {
     "llava_video_178k": choice_scores,
     # Your own data: free-text scores (exact match, token F1).
     "custom": free_text_scores,
+}
+
+# The names each format's metric can report (as ``eval/<name>``), known without running it:
+# the config check refuses an objective or best metric that no metric produces.
+TASK_METRIC_NAMES: Dict[str, Tuple[str, ...]] = {
+    "cord_v2": ("ted_accuracy", "field_f1"),
+    "medpix_vqa": ("exact_match", "token_f1"),
+    "raven": ("accuracy",),
+    "llava_video_178k": ("accuracy", "mc_accuracy", "open_exact_match", "open_token_f1"),
+    "custom": ("exact_match", "token_f1"),
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Tuple
 
-from vlm_sweep.hub import hub_offline, hub_reachable
+from vlm_sweep.hub import download_hint, hub_offline, hub_reachable
 from vlm_sweep.models.registry import get_family
 
 
@@ -47,10 +47,9 @@ def preflight_hub_access(source: str, revision: str | None = None) -> None:
     if offline or not hub_reachable():
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is not reachable"
         raise ModelLoadError(
-            f"model {source!r} is not in the local cache and {why}. Download it first on a machine "
-            f"with network (huggingface-cli download {source}; gated models need HF_TOKEN), point "
-            f"HF_HOME at that cache, or use a local directory / a tiny model "
-            f"(model=tiny_gemma3, tiny_qwen2_5_vl or tiny_nemotron_vl)."
+            f"model {source!r} is not in the local cache and {why}: {download_hint(source, revision=revision)}; or point "
+            f"HF_HOME at a cache that has it, or use a tiny model (model=tiny_gemma3, tiny_qwen2_5_vl "
+            f"or tiny_nemotron_vl)."
         )
 
 

@@ -13,7 +13,7 @@ Pure data: importing this module must not import torch or transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 # Most specific first: embeddings and lm_head sit inside/next to the LM,
 # projectors inside/next to the vision tower.
@@ -42,7 +42,18 @@ class ModelFamily:
     model_types: Tuple[str, ...] = ()
     # Extra keyword arguments for AutoProcessor.from_pretrained.
     processor_kwargs: Dict[str, object] = field(default_factory=dict)
+    # Whether the model takes video parts (every family takes text and images). The data
+    # pre-flight (vlm_sweep.data.preflight) refuses video records for a family without it.
     supports_video: bool = False
+    # The most conversations one processor call may hold when any of them carries a video
+    # (None: no limit). The collator encodes a micro-batch in one call, so this bounds
+    # step_scheduler.micro_batch_size (and eval.batch_size) for data sets with videos.
+    video_conversations_per_call: Optional[int] = None
+
+    @property
+    def modalities(self) -> Tuple[str, ...]:
+        """The media kinds a record may carry for this family, besides text."""
+        return ("image", "video") if self.supports_video else ("image",)
 
 
 MODEL_FAMILIES: Dict[str, ModelFamily] = {
@@ -93,6 +104,9 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
         # LM config names as pad (not eos: that is the end-of-turn token the model must learn).
         processor_kwargs={"pad_token": "<unk>"},
         supports_video=True,
+        # Its processor takes videos with a single prompt only ("Videos are only supported with
+        # a single prompt"): one conversation per call, so micro batches of 1 for video data.
+        video_conversations_per_call=1,
     ),
     # nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16 through its hub remote code (trust_remote_code):
     # its auto_map offers AutoModel/AutoModelForCausalLM only. Module paths as in Megatron
@@ -111,6 +125,9 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
         },
         processor_kwargs={"pad_token": "<unk>"},
         supports_video=True,
+        # Assumed as for the native processor: the hub code cannot be checked offline, and a
+        # wrong refusal costs a smaller micro batch where a wrong pass would crash mid-run.
+        video_conversations_per_call=1,
     ),
 }
 

@@ -40,8 +40,14 @@ class SweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if config.tracking.backend != "mlflow":
             return
-        from vlm_sweep.tracking import RetryingClient, default_tracking_uri, experiment_id
+        from vlm_sweep.tracking import (RetryingClient, TrackingError, check_tracking, default_tracking_uri,
+                                        experiment_id, redact_uri)
 
+        try:  # one line and exit 2 before any job starts, not the same failure in every job
+            check_tracking(config.tracking, config.paths.output_root)
+        except TrackingError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
         uri = config.tracking.uri or default_tracking_uri(config.paths.output_root)
         client = RetryingClient(uri)
         parent_file = sweep_dir / PARENT_FILE
@@ -52,8 +58,11 @@ class SweepCallback(Callback):
         exp_id = experiment_id(client, config.tracking.experiment_name, uri)
         run = client.create_run(exp_id, run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
                                 tags={"vlm_sweep.sweep_dir": str(sweep_dir), "vlm_sweep.role": "sweep"})
-        parent_file.write_text(json.dumps({"run_id": run.info.run_id, "uri": uri, "experiment_id": exp_id}) + "\n")
-        log.info("sweep MLflow parent run %s in %s", run.info.run_id, uri)
+        # The URI as stored and printed has its credentials masked; the real one only connects.
+        shown = redact_uri(uri)
+        parent_file.write_text(json.dumps({"run_id": run.info.run_id, "uri": shown,
+                                           "experiment_id": exp_id}) + "\n")
+        log.info("sweep MLflow parent run %s in %s", run.info.run_id, shown)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
@@ -70,10 +79,7 @@ class SweepCallback(Callback):
             log.error("could not write the sweep report: %s", err)
         parent_file = sweep_dir / PARENT_FILE
         if parent_file.exists():
-            from vlm_sweep.tracking import RetryingClient
-
-            parent = json.loads(parent_file.read_text())
-            RetryingClient(parent["uri"]).set_terminated(parent["run_id"], status="FAILED" if failed else "FINISHED")
+            self._close_parent(config, json.loads(parent_file.read_text()), "FAILED" if failed else "FINISHED")
         if failed:
             lines = [f"{len(failed)} of {len(statuses)} jobs did not finish:"]
             for s in failed:
@@ -81,3 +87,17 @@ class SweepCallback(Callback):
                              f"{s.get('error') or 'no error message'} -- log: {s.get('log_path')}")
             print("\n".join(lines), file=sys.stderr)
             sys.exit(1)
+
+    @staticmethod
+    def _close_parent(config: DictConfig, parent: Dict[str, Any], status: str) -> None:
+        """End the parent run; a store that does not answer costs a warning, not the sweep's outcome."""
+        from vlm_sweep.tracking import RetryingClient, default_tracking_uri, redact_uri
+        from vlm_sweep.tracking.store import one_line
+
+        # Connect with the configured URI: the file holds the masked one.
+        uri = config.tracking.uri or default_tracking_uri(config.paths.output_root)
+        try:
+            RetryingClient(uri).set_terminated(parent["run_id"], status=status)
+        except Exception as err:
+            log.warning("could not close the sweep's MLflow parent run %s in %s: %s", parent["run_id"],
+                        redact_uri(uri), one_line(err))

@@ -1,42 +1,56 @@
-"""Checkpoints: written atomically, loaded without unpickling arbitrary objects.
+"""Checkpoints: written atomically, verified before use, loaded without unpickling arbitrary objects.
 
 Layout under the run dir::
 
     checkpoints/
       LATEST                     # name of the newest complete checkpoint
+      BEST                       # name of the best one (checkpoint.best_metric), if set
       step_<N>/
         model/                   # PEFT adapter (PeftModel.from_pretrained) or full HF model,
                                  # plus the processor, so the dir loads on its own
         consolidated/            # save_consolidated with LoRA: the merged full HF model
-        training_state/          # optimizer, scheduler, trainer state, per-rank RNG + data position
+        training_state/          # optimizer, scheduler, trainer state, per-rank RNG + data position,
+                                 # trained weights (trainable.pt and/or weights_in_model.json)
         config.yaml              # the composed config (secrets redacted)
+        manifest.json            # every file's size and CRC32, written last
 
-A checkpoint is assembled in ``.tmp_step_<N>``, fsynced, renamed into place, and
-only then does LATEST move (itself replaced atomically). A crash at any point
-leaves the previous checkpoint and LATEST valid.
+A checkpoint is assembled in ``.tmp_step_<N>``, its file modes set from the umask, its
+manifest written, fsynced, renamed into place, and only then does LATEST move (itself
+replaced atomically). A crash at any point leaves the previous checkpoint and LATEST valid;
+a failed write (a full disk) removes the temporary dir and says which checkpoint a rerun
+resumes from. Resuming verifies the checkpoint against its manifest and falls back to the
+newest older one that verifies.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from vlm_sweep.training.checkpoint_manifest import (CheckpointError, apply_umask_modes, checkpoint_bytes,
+                                                    verify_checkpoint, write_manifest)
+from vlm_sweep.training.checkpoint_select import (BEST, LATEST, best_checkpoint, is_better, latest_checkpoint,
+                                                  mark_best, previous_checkpoint, prune_checkpoints,
+                                                  resolve_resume, step_dirs, write_atomic_text)
+from vlm_sweep.training.checkpoint_weights import (TRAINABLE, WEIGHTS_MAP, map_to_model_dir,
+                                                   trained_weights)
 from vlm_sweep.training.distributed import (full_model_state, full_optimizer_state, full_trainable_state,
                                             is_fsdp, load_full_states)
 
-LATEST = "LATEST"
-BEST = "BEST"
+__all__ = ["BEST", "LATEST", "CheckpointError", "best_checkpoint", "is_better", "latest_checkpoint",
+           "load_checkpoint", "mark_best", "prune_checkpoints", "resolve_resume", "save_checkpoint",
+           "step_dirs", "trained_weights", "verify_checkpoint"]
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the config."""
+log = logging.getLogger(__name__)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -49,15 +63,6 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -84,31 +89,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest_checkpoint(checkpoint_root: Path) -> Optional[Path]:
-    """The checkpoint LATEST names, or None when there is none yet."""
-    pointer = checkpoint_root / LATEST
-    if not pointer.exists():
-        return None
-    path = checkpoint_root / pointer.read_text().strip()
-    if not (path / "training_state" / "trainer_state.json").exists():
-        raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
-
-
-def resolve_resume(checkpoint_cfg: Any, checkpoint_root: Path) -> Optional[Path]:
-    """auto -> LATEST if any; none -> fresh start; anything else -> that checkpoint dir."""
-    if checkpoint_cfg.resume == "none":
-        return None
-    if checkpoint_cfg.resume == "auto":
-        return latest_checkpoint(checkpoint_root)
-    path = Path(checkpoint_cfg.resume)
-    if (path / LATEST).exists():
-        return latest_checkpoint(path)
-    if not (path / "training_state" / "trainer_state.json").exists():
-        raise CheckpointError(f"checkpoint.resume={path} is not a checkpoint dir (no training_state/)")
-    return path
-
-
 def save_model_dir(model: Any, processor: Any, out: Path, save_format: str,
                    state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Adapter or full model in Hugging Face form, plus the processor.
@@ -132,6 +112,98 @@ def trainable_state_dict(model: Any) -> Dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def estimate_checkpoint_bytes(root: Path, model: Any, optimizer: Any) -> int:
+    """About how much the next checkpoint takes: the previous one's size, else its tensors' size."""
+    previous = previous_checkpoint(root)
+    if previous is not None:
+        return checkpoint_bytes(previous)
+    trainable = _tensor_bytes(p for p in model.parameters() if p.requires_grad)
+    peft = hasattr(model, "peft_config")
+    model_dir = trainable if peft else _tensor_bytes(model.state_dict().values())
+    optimizer_bytes = _tensor_bytes(t for state in optimizer.state.values() for t in state.values())
+    if not optimizer_bytes:  # before the first step: Adam keeps two fp32 moments per trained element
+        optimizer_bytes = 2 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stored_twice = trainable if (peft or is_fsdp(model)) else 0
+    return model_dir + stored_twice + optimizer_bytes
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _check_space(root: Path, name: str, model: Any, optimizer: Any) -> Tuple[int, int]:
+    """(bytes needed, bytes free); a warning when it will not fit."""
+    needed, free = estimate_checkpoint_bytes(root, model, optimizer), _free_bytes(root)
+    if free < needed:
+        log.warning("checkpoint %s needs about %s, but only %s is free on %s; it will likely fail "
+                    "(the previous checkpoint stays intact)", name, _gb(needed), _gb(free), root)
+    return needed, free
+
+
+def _is_write_error(err: BaseException) -> bool:
+    """An I/O failure while writing (torch and safetensors do not raise OSError for a full disk)."""
+    text = str(err)
+    return isinstance(err, OSError) or type(err).__name__ == "SafetensorError" or any(
+        marker in text for marker in ("No space left", "inline_container", "PytorchStreamWriter", "os error"))
+
+
+def _write_failed(err: BaseException, root: Path, name: str, space: Tuple[int, int], free_now: int) -> CheckpointError:
+    """One line: what failed, the space needed/free, and the checkpoint a rerun resumes from."""
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err) or free_now < (16 << 20)
+    reason = "no space left on device" if full else (str(err).splitlines() or [type(err).__name__])[0]
+    previous = previous_checkpoint(root)
+    after = (f"the previous checkpoint {previous} is intact and a rerun of the same command resumes from it"
+             if previous else "there is no earlier checkpoint, so a rerun starts from step 0")
+    return CheckpointError(
+        f"could not write checkpoint {root / name}: {reason} (needs about {_gb(space[0])}, {_gb(space[1])} was "
+        f"free, {_gb(free_now)} when it failed); removed the partial .tmp_{name}; {after}")
+
+
+def _write_main_files(tmp: Path, unwrapped: Any, processor: Any, optimizer_state: Any, scheduler: Any,
+                      weights: Dict[str, torch.Tensor], full_model: Any, config_yaml: str,
+                      checkpoint_cfg: Any, trainer_state: Dict[str, Any]) -> None:
+    """Everything rank 0 writes; each trained weight once (see checkpoint_weights)."""
+    state_dir = tmp / "training_state"
+    save_format = checkpoint_cfg.model_save_format
+    save_model_dir(unwrapped, processor, tmp / "model", save_format, full_model)
+    in_model: Dict[str, List[str]] = {}
+    if full_model is None and not hasattr(unwrapped, "peft_config"):
+        in_model = map_to_model_dir(unwrapped, tmp / "model", save_format, list(weights))
+        if in_model:
+            (state_dir / WEIGHTS_MAP).write_text(json.dumps(in_model, indent=1))
+    rest = {k: v.detach().cpu() for k, v in weights.items() if k not in in_model}
+    if rest or not in_model:
+        torch.save(rest, state_dir / TRAINABLE)
+    torch.save(optimizer_state, state_dir / "optimizer.pt")
+    torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    if checkpoint_cfg.save_consolidated and hasattr(unwrapped, "peft_config"):
+        from vlm_sweep.export import export_checkpoint
+
+        export_checkpoint(str(tmp), str(tmp / "consolidated"), merge_lora=True)
+    (state_dir / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+
+
+def _seal(tmp: Path, final: Path) -> None:
+    """Modes from the umask, the manifest (last), fsync, then the rename that publishes it."""
+    apply_umask_modes(tmp)
+    write_manifest(tmp)
+    _fsync_tree(tmp)
+    if final.exists():  # a stale one from a previous attempt at this step
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -147,72 +219,60 @@ def save_checkpoint(
     checkpoint_cfg: Any,
     is_best: bool = False,
 ) -> Path:
-    """Write step_<N> atomically on all ranks; rank 0 moves LATEST (and BEST) and prunes old ones."""
+    """Write step_<N> atomically on all ranks; rank 0 moves LATEST (and BEST) and prunes old ones.
+
+    A write that fails (a full disk) removes the partial dir and raises CheckpointError.
+    """
+    root = Path(root)
     name = f"step_{step}"
     final, tmp = root / name, root / f".tmp_{name}"
-    rank = accelerator.process_index
-    if accelerator.is_main_process:
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    unwrapped = accelerator.unwrap_model(model)
+    space = (0, 0)
+    if main:
+        space = _check_space(root, name, unwrapped, optimizer)
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "training_state").mkdir(parents=True)
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    state_dir = tmp / "training_state"
-    # Per-rank: RNG and data position differ between processes.
-    torch.save({"rng": rng_state(), "dataloader": dataloader.state_dict()}, state_dir / f"rank_{rank}.pt")
-    sharded = is_fsdp(unwrapped)
-    if sharded:  # gathering full tensors is a collective: every rank takes part
-        full_model, weights = full_model_state(unwrapped), full_trainable_state(unwrapped)
-        optimizer_state = full_optimizer_state(unwrapped, optimizer)
-    if accelerator.is_main_process:
-        if not sharded:
-            full_model, optimizer_state = None, optimizer.state_dict()
-            weights = {k: v.detach().cpu() for k, v in trainable_state_dict(unwrapped).items()}
-        save_model_dir(unwrapped, processor, tmp / "model", checkpoint_cfg.model_save_format, full_model)
-        torch.save(weights, state_dir / "trainable.pt")
-        torch.save(optimizer_state, state_dir / "optimizer.pt")
-        torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
-        if checkpoint_cfg.save_consolidated and hasattr(unwrapped, "peft_config"):
-            from vlm_sweep.export import export_checkpoint
-
-            export_checkpoint(str(tmp), str(tmp / "consolidated"), merge_lora=True)
-        (state_dir / "trainer_state.json").write_text(
-            json.dumps({**trainer_state, "world_size": accelerator.num_processes, "fsdp": sharded}, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        if final.exists():  # a stale one from a previous attempt at this step
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic_text(root / LATEST, name + "\n")
-        if is_best:
-            mark_best(root, name)
+    try:
+        # Per-rank: RNG and data position differ between processes.
+        torch.save({"rng": rng_state(), "dataloader": dataloader.state_dict()},
+                   tmp / "training_state" / f"rank_{rank}.pt")
+        sharded = is_fsdp(unwrapped)
+        if sharded:  # gathering full tensors is a collective: every rank takes part
+            full_model, weights = full_model_state(unwrapped), full_trainable_state(unwrapped)
+            optimizer_state = full_optimizer_state(unwrapped, optimizer)
+        else:
+            full_model, weights = None, trainable_state_dict(unwrapped)
+            optimizer_state = optimizer.state_dict() if main else None
+        if main:
+            _write_main_files(tmp, unwrapped, processor, optimizer_state, scheduler, weights, full_model,
+                              config_yaml, checkpoint_cfg,
+                              {**trainer_state, "world_size": accelerator.num_processes, "fsdp": sharded})
+        accelerator.wait_for_everyone()
+        if main:
+            _seal(tmp, final)
+    except Exception as err:
+        if not _is_write_error(err):
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        free_now = _free_bytes(root)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(err, root, name, space, free_now) from err
+    if main:
+        try:
+            write_atomic_text(root / LATEST, name + "\n")
+            if is_best:
+                mark_best(root, name)
+        except OSError as err:
+            raise CheckpointError(f"wrote {final} but could not update {root / LATEST}: {err.strerror or err}; "
+                                  f"a rerun resumes from the checkpoint LATEST still names") from err
         prune_checkpoints(root, checkpoint_cfg.keep_last, keep=name)
     accelerator.wait_for_everyone()
     return final
-
-
-def mark_best(root: Path, name: str) -> None:
-    """Point BEST at checkpoint ``name`` (atomically)."""
-    _write_atomic_text(root / BEST, name + "\n")
-
-
-def is_better(value: float, best: Optional[float], mode: str) -> bool:
-    return best is None or (value > best if mode == "max" else value < best)
-
-
-def prune_checkpoints(root: Path, keep_last: int, keep: str) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (never BEST's; stale temp dirs too)."""
-    for stale in root.glob(".tmp_step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    protected = {keep}
-    if (root / BEST).exists():
-        protected.add((root / BEST).read_text().strip())
-    steps = sorted((int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.name not in protected)
-    survivors = keep_last - 1
-    for _, path in steps[:max(len(steps) - survivors, 0)]:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_checkpoint(
@@ -236,7 +296,7 @@ def load_checkpoint(
     if trainer_state.get("fsdp", False) != sharded:
         raise CheckpointError(f"{path} was written {'with' if trainer_state.get('fsdp') else 'without'} "
                               f"parallel.strategy=fsdp; resume it with the same strategy")
-    weights = torch.load(state_dir / "trainable.pt", weights_only=True, map_location="cpu")
+    weights = trained_weights(path)
     expected = set(trainable_state_dict(unwrapped))
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights))[:3], sorted(set(weights) - expected)[:3]

@@ -20,15 +20,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from vlm_sweep.data.collate import IGNORE_INDEX
+from vlm_sweep.training.loss import count_label_tokens, summed_token_loss
 from vlm_sweep.training.distributed import full_tensor, is_fsdp, no_gradient_sync, unsharded
 
 log = logging.getLogger(__name__)
-
-NON_MODEL_KEYS = ("labels", "num_skipped", "record_ids")
-
 
 @dataclass
 class StepStats:
@@ -43,25 +39,6 @@ def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def count_label_tokens(batch: Dict[str, Any]) -> int:
-    """Tokens that carry loss after the causal shift."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if "labels" in batch else 0
-
-
-def summed_token_loss(model: Any, batch: Dict[str, Any]) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over labelled positions."""
-    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-    logits = model(**inputs, use_cache=False).logits
-    labels = batch["labels"]
-    shifted = logits[:, :-1, :].float()
-    return F.cross_entropy(
-        shifted.reshape(-1, shifted.size(-1)),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -69,23 +46,67 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class StopSignal:
-    """SIGTERM/SIGUSR2 (what a cluster sends before preemption) request a checkpoint and exit."""
+    """SIGTERM/SIGUSR2 (what a cluster sends before preemption) and Ctrl-C request a checkpoint and exit.
+
+    The first signal is honoured at the next step boundary (every rank at the same step); a
+    second Ctrl-C stops at once (KeyboardInterrupt), keeping the previous checkpoint.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
+        for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 pass
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: checkpointing at the end of this step (press Ctrl-C again to stop now)")
         self.received = signum
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StoppedWhileReading(RuntimeError):
+    """A stop signal arrived while the loop was waiting for usable data (no step to finish)."""
+
+
+class DataHealth:
+    """Counts usable vs skipped training records; fails when too few are usable to train on.
+
+    With ``on_bad_record=skip`` a data set of bad records would otherwise be skipped forever.
+    Checked once at least one epoch's worth (or 200) of records has been read.
+    """
+
+    def __init__(self, num_records: int, min_usable_fraction: float, name: str) -> None:
+        self.num_records = num_records
+        self.min_fraction = min_usable_fraction
+        self.name = name
+        self.usable = 0
+        self.skipped = 0
+
+    def update(self, usable: int, skipped: int) -> None:
+        self.usable += usable
+        self.skipped += skipped
+        seen = self.usable + self.skipped
+        if seen < min(self.num_records, 200) or self.skipped == 0:
+            return
+        fraction = self.usable / seen
+        if self.usable == 0 or fraction < self.min_fraction:
+            from vlm_sweep.data.datasets import BadRecordError
+
+            raise BadRecordError(
+                f"{self.name}: only {self.usable} of the {seen} training records read so far are usable "
+                f"({fraction:.0%} < dataset.min_usable_fraction={self.min_fraction}); the skipped-record "
+                f"lines above say why (python -m vlm_sweep.inspect checks the whole data set)")
 
 
 class Trainer:
@@ -118,19 +139,29 @@ class Trainer:
         self._batches: Optional[Iterator[Dict[str, Any]]] = None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.fsdp = is_fsdp(model)
+        self.stopper: Optional[StopSignal] = None
+        self.data_health = DataHealth(len(train_loader.dataset), cfg.dataset.min_usable_fraction,
+                                      cfg.dataset.name)
 
     # -- data ---------------------------------------------------------------------------
     def next_batch(self) -> Dict[str, Any]:
-        """The next non-empty micro-batch (batches whose records were all skipped are passed over)."""
+        """The next non-empty micro-batch (batches whose records were all skipped are passed over).
+
+        Stops with a BadRecordError when the data set is (nearly) all bad records, instead of
+        skipping forever, and honours a stop signal while it skips.
+        """
         if self._batches is None:
             self._batches = iter(self.train_loader)
         skipped = 0
         while True:
             batch = next(self._batches)
             skipped += batch["num_skipped"]
+            self.data_health.update(len(batch["record_ids"]), batch["num_skipped"])
             if "input_ids" in batch:
                 batch["num_skipped"] = skipped
                 return batch
+            if self.stopper is not None and self.stopper.received:
+                raise StoppedWhileReading(f"stopped by signal {self.stopper.received} while reading data")
 
     # -- one optimizer step -------------------------------------------------------------
     def train_step(self) -> StepStats:
@@ -240,7 +271,7 @@ class Trainer:
     def fit(self) -> str:
         """Train to max_steps (or until a stop signal). Returns the final MLflow status."""
         steps = self.cfg.step_scheduler
-        stopper = StopSignal()
+        self.stopper = stopper = StopSignal()
         progress = None
         if self.acc.is_main_process:
             from tqdm.auto import tqdm
@@ -251,7 +282,13 @@ class Trainer:
         try:
             while self.step < steps.max_steps:
                 started = time.perf_counter()
-                stats = self.train_step()
+                try:
+                    stats = self.train_step()
+                except StoppedWhileReading:
+                    log.warning("signal %s received while reading data: exiting; the run resumes from "
+                                "its last checkpoint", stopper.received)
+                    self.stop_signal = stopper.received
+                    return "KILLED"
                 self.step += 1
                 elapsed = time.perf_counter() - started
                 metrics = {
@@ -292,6 +329,7 @@ class Trainer:
                     break
         finally:
             stopper.restore()
+            self.stopper = None
             if progress is not None:
                 progress.close()
         return status

@@ -1,0 +1,393 @@
+"""Pre-flight: check the data against the model before a single step is spent on it.
+
+Every checked record goes through the run's own dataset (``build``: media decoded, converted)
+and the run's own collator (chat template, processor, labels), one record at a time, so token
+counts include the exact number of image/video placeholder tokens the processor inserts.
+What it catches up front, naming the record or key:
+
+* records that cannot be read or converted (missing/corrupt media, bad roles, empty answers);
+* records longer than ``dataset.max_length`` (reported with their length);
+* video records for a model family without video (``ModelFamily.supports_video``);
+* micro batches a family's processor cannot take (``ModelFamily.video_conversations_per_call``).
+
+Under ``dataset.on_bad_record=skip`` the problems training also skips (unreadable records,
+over-long ones, records the collator refuses, videos for a model without video) are counted
+by reason; a conversation no chat template can take and config constraints (a micro batch
+the processor cannot encode) are errors under either setting. The report adds what a user wants to see
+before paying for a run: a token-length histogram, the image/text token split, the padding
+waste at the configured micro batch, and one record's label mask.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+from vlm_sweep.data.collate import IGNORE_INDEX
+from vlm_sweep.data.datasets import BadRecordError
+from vlm_sweep.data.media import MediaError
+
+# The label-mask preview is cut to this many characters.
+PREVIEW_CHARS = 3000
+_ROLES = ("system", "user", "assistant")
+_PART_TYPES = ("text", "image", "video")
+_FIX = "fix or remove the record, or set dataset.on_bad_record=skip"
+
+
+@dataclass
+class PreflightReport:
+    """What the pre-flight saw; ``format_report`` renders it for the console."""
+
+    model: str
+    family: str
+    dataset: str
+    max_length: int
+    micro_batch_size: int
+    split_sizes: Dict[str, int] = field(default_factory=dict)  # split -> records in it
+    checked: Dict[str, int] = field(default_factory=dict)  # split -> records checked
+    skipped: Dict[str, int] = field(default_factory=dict)  # reason -> records
+    skip_examples: Dict[str, str] = field(default_factory=dict)  # reason -> first message
+    too_long: List[Tuple[str, int]] = field(default_factory=list)  # (record, tokens) > max_length
+    lengths: List[int] = field(default_factory=list)  # tokens of each usable record
+    records_by_media: Dict[str, int] = field(default_factory=dict)  # image / video / text only
+    image_tokens: int = 0
+    video_tokens: int = 0
+    text_tokens: int = 0
+    trained_tokens: int = 0
+    # Train split in sampler order at the micro batch: (real tokens, processed tokens, batches).
+    padding: Optional[Tuple[int, int, int]] = None
+    label_preview: Optional[Tuple[str, str]] = None  # (record, rendered label mask)
+
+    @property
+    def usable(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def padding_efficiency(self) -> Optional[float]:
+        """Real tokens / processed tokens when batched (1.0: no padding)."""
+        if not self.padding or not self.padding[1]:
+            return None
+        return self.padding[0] / self.padding[1]
+
+    def histogram(self, buckets: int = 4) -> List[Tuple[str, int]]:
+        """(label, records) over equal slices of ``max_length``, plus one for over-long records."""
+        edges = [round(self.max_length * (k + 1) / buckets) for k in range(buckets)]
+        lengths = self.lengths + [n for _, n in self.too_long]
+        rows, low = [], 0
+        for high in edges:
+            rows.append((f"{low + 1}-{high}", sum(low < n <= high for n in lengths)))
+            low = high
+        rows.append((f">{self.max_length}", sum(n > self.max_length for n in lengths)))
+        return rows
+
+
+def sample_indices(num_records: int, sample_size: Optional[int], seed: int) -> List[int]:
+    """Which records to check: all (``None``), else the first half plus a seeded random half of the rest."""
+    import numpy as np
+
+    if sample_size is None or sample_size >= num_records:
+        return list(range(num_records))
+    head = (sample_size + 1) // 2
+    rest = np.random.default_rng(seed).choice(np.arange(head, num_records), sample_size - head, replace=False)
+    return list(range(head)) + sorted(int(i) for i in rest)
+
+
+def media_token_ids(processor: Any) -> Tuple[Set[int], Set[int]]:
+    """(image, video) placeholder token ids, read off the processor (no family names).
+
+    ``image_token_ids``/``video_token_ids`` are what transformers marks as media in
+    ``mm_token_type_ids`` (Gemma 3's soft tokens, not its begin-of-image marker); older or
+    remote-code processors fall back to ``*_token_id`` or the ``*_token`` string.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+
+    def ids(kind: str) -> Set[int]:
+        for candidate in (getattr(processor, f"{kind}_token_ids", None),
+                          [getattr(processor, f"{kind}_token_id", None)]):
+            found = {int(i) for i in (candidate or []) if isinstance(i, int)}
+            if found:
+                return found
+        token = getattr(processor, f"{kind}_token", None)
+        if isinstance(token, str):
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                return {token_id}
+        return set()
+
+    return ids("image"), ids("video")
+
+
+def media_kinds(conversation: Sequence[Dict[str, Any]]) -> Set[str]:
+    """The media part types ("image", "video") a conversation carries."""
+    return {part.get("type") for turn in conversation if isinstance(turn.get("content"), list)
+            for part in turn["content"]} & {"image", "video"}
+
+
+def conversation_problem(conversation: Sequence[Dict[str, Any]]) -> Optional[str]:
+    """Why a converted conversation cannot be a chat-template input, or None."""
+    for i, turn in enumerate(conversation):
+        if turn.get("role") not in _ROLES:
+            return f"turn {i} has role {turn.get('role')!r} (expected one of {', '.join(_ROLES)})"
+        content = turn.get("content")
+        if not isinstance(content, list) or not content:
+            return f"turn {i} has no content parts"
+        kinds = [part.get("type") if isinstance(part, dict) else None for part in content]
+        if any(kind not in _PART_TYPES for kind in kinds):
+            return f"turn {i} has a part of unknown type (expected one of {', '.join(_PART_TYPES)})"
+    if not any(turn.get("role") == "assistant" for turn in conversation):
+        return "no assistant turn to train on"
+    return None
+
+
+def _reason(err: BadRecordError) -> str:
+    """A short reason for a record the dataset refused, for counting skips."""
+    text = str(err)
+    if isinstance(err.__cause__, MediaError) or "cannot be decoded" in text or "cannot be read" in text \
+            or "not found" in text:
+        return "unreadable media"
+    if "role" in text:
+        return "invalid role"
+    if "empty" in text or "missing" in text:
+        return "missing or empty field"
+    return "malformed record"
+
+
+def render_label_mask(tokenizer: Any, ids: Sequence[int], labels: Sequence[int], media_ids: Set[int]) -> str:
+    """The decoded record with trained tokens in ``[[...]]``; runs of a media token shown as ``<tok>*N``."""
+    pieces: List[List[Any]] = []  # [trained, text]
+    i, n = 0, len(ids)
+    while i < n:
+        trained = labels[i] != IGNORE_INDEX
+        j = i + 1
+        if ids[i] in media_ids:
+            while j < n and ids[j] == ids[i] and (labels[j] != IGNORE_INDEX) == trained:
+                j += 1
+            token = tokenizer.convert_ids_to_tokens(int(ids[i]))
+            text = token if j - i == 1 else f"{token}*{j - i}"
+        else:
+            while j < n and ids[j] not in media_ids and (labels[j] != IGNORE_INDEX) == trained:
+                j += 1
+            text = tokenizer.decode(list(ids[i:j]))
+        if pieces and pieces[-1][0] == trained:
+            pieces[-1][1] += text
+        else:
+            pieces.append([trained, text])
+        i = j
+    rendered = "".join(f"[[{text}]]" if trained else text for trained, text in pieces)
+    if len(rendered) > PREVIEW_CHARS:
+        rendered = rendered[:PREVIEW_CHARS] + f"... ({len(rendered) - PREVIEW_CHARS} more characters)"
+    return rendered
+
+
+class _Checker:
+    """One pass over the sampled records of every split, filling a report."""
+
+    def __init__(self, cfg: Any, processor: Any, family: Any, collator: Any) -> None:
+        self.cfg, self.family, self.processor = cfg, family, processor
+        self.skip = cfg.dataset.on_bad_record == "skip"
+        self.max_length = int(cfg.dataset.max_length)
+        # The run's collator, with the length limit lifted so over-long records are measured,
+        # raising on a bad record so its message is counted (training's copy skips it quietly).
+        self.probe = copy.copy(collator)
+        self.probe.max_length = 2 ** 62
+        self.probe.skip_bad = False
+        self.image_ids, self.video_ids = media_token_ids(processor)
+        self.report = PreflightReport(
+            model=str(cfg.model.name), family=str(cfg.model.family), dataset=str(cfg.dataset.name),
+            max_length=self.max_length, micro_batch_size=int(cfg.step_scheduler.micro_batch_size))
+        self.lengths_by_split: Dict[str, Dict[int, int]] = {}
+
+    def problem(self, record_id: str, reason: str, message: str, skippable: bool = True) -> None:
+        """Count a bad record under skip, else stop naming it and what to do."""
+        line = message.splitlines()[0] if message else reason
+        if not line.startswith(record_id):
+            line = f"{record_id}: {line}"
+        if not (skippable and self.skip):
+            hint = _FIX if skippable else "fix or remove the record"
+            raise BadRecordError(f"{line} ({hint})")
+        self.report.skipped[reason] = self.report.skipped.get(reason, 0) + 1
+        self.report.skip_examples.setdefault(reason, line)
+
+    def video_batching(self, record_id: str, split: str) -> None:
+        """Refuse batch sizes the family's processor cannot take with a video in the batch."""
+        limit = self.family.video_conversations_per_call
+        if limit is None:
+            return
+        sizes = [("step_scheduler.micro_batch_size", self.report.micro_batch_size)]
+        generates = self.cfg.eval.every_steps is not None or \
+            str(self.cfg.checkpoint.best_metric or "").startswith("eval/")
+        if split == "validation" and generates:
+            sizes.append(("eval.batch_size", int(self.cfg.eval.batch_size)))
+        for key, size in sizes:
+            if size > limit:
+                from vlm_sweep.config.validate import ConfigError
+
+                raise ConfigError(
+                    f"config error: {key}={size}, but model family {self.report.family!r} takes at most {limit} "
+                    f"conversation(s) per processor call when one has a video, and {record_id} has a video; "
+                    f"set {key}={limit} (gradient accumulation keeps step_scheduler.global_batch_size)")
+
+    def check(self, split: str, dataset: Any, index: int) -> None:
+        record_id = dataset.record_id(index)
+        try:
+            sample = dataset.build(index)
+        except BadRecordError as err:
+            return self.problem(record_id, _reason(err), str(err))
+        problem = conversation_problem(sample.conversation)
+        if problem:
+            return self.problem(record_id, "invalid conversation", problem, skippable=False)
+        kinds = media_kinds(sample.conversation)
+        if "video" in kinds:
+            if "video" not in self.family.modalities:
+                return self.problem(record_id, "video for a model without video", (
+                    f"has a video, but model family {self.report.family!r} (model={self.report.model}) takes "
+                    f"no video; use a video-capable model (family {' or '.join(self._video_families())}) or "
+                    f"drop the video records"))
+            self.video_batching(record_id, split)
+        try:
+            batch = self.probe([sample])
+        except BadRecordError as err:  # e.g. the processor cannot encode it: training skips it too
+            reason = "rejected by the processor" if "cannot encode" in str(err) else "refused by the collator"
+            return self.problem(record_id, reason, str(err))
+        except Exception as err:  # a collator that does not narrow processor errors to the record
+            if str(err).startswith("config error:"):
+                raise
+            first = str(err).splitlines()[0] if str(err) else ""
+            return self.problem(record_id, "rejected by the processor",
+                                f"the processor cannot encode it ({type(err).__name__}: {first})", skippable=False)
+        if "input_ids" not in batch or not len(batch["input_ids"]):
+            return self.problem(record_id, "refused by the collator", "the collator dropped it")
+        self.measure(split, index, record_id, kinds, batch)
+
+    def measure(self, split: str, index: int, record_id: str, kinds: Set[str], batch: Dict[str, Any]) -> None:
+        length = int(batch["attention_mask"][0].sum())
+        ids = batch["input_ids"][0][:length].tolist()
+        labels = batch["labels"][0][:length].tolist()
+        if length > self.max_length:
+            self.report.too_long.append((record_id, length))
+            return self.problem(record_id, "too long", f"{length} tokens exceed dataset.max_length={self.max_length} "
+                                "(raise it, or dataset.on_bad_record=skip)")
+        trained = sum(label != IGNORE_INDEX for label in labels)
+        if trained == 0:
+            return self.problem(record_id, "no answer tokens", "no token of it is trained (the assistant "
+                                "turn is missing after the chat template)")
+        images = sum(i in self.image_ids for i in ids)
+        videos = sum(i in self.video_ids and i not in self.image_ids for i in ids)
+        report = self.report
+        report.lengths.append(length)
+        report.image_tokens += images
+        report.video_tokens += videos
+        report.text_tokens += length - images - videos
+        report.trained_tokens += trained
+        kind = "video" if "video" in kinds else "image" if kinds else "text only"
+        report.records_by_media[kind] = report.records_by_media.get(kind, 0) + 1
+        self.lengths_by_split.setdefault(split, {})[index] = length
+        if report.label_preview is None:  # the first usable record (of train: it is checked first)
+            tokenizer = getattr(self.processor, "tokenizer", self.processor)
+            report.label_preview = (record_id, render_label_mask(tokenizer, ids, labels,
+                                                                 self.image_ids | self.video_ids))
+
+    def _video_families(self) -> List[str]:
+        from vlm_sweep.models.registry import MODEL_FAMILIES
+
+        return sorted(name for name, family in MODEL_FAMILIES.items() if "video" in family.modalities)
+
+
+def padding_in_sampler_order(cfg: Any, train: Any, lengths: Dict[int, int]) -> Optional[Tuple[int, int, int]]:
+    """(real, processed, batches): the checked train records in epoch-0 sampler order, padded
+    right to the longest of each micro batch as the collator does (one process)."""
+    from vlm_sweep.data.sampler import ShardedIndexSampler
+
+    if not lengths:
+        return None
+    micro = int(cfg.step_scheduler.micro_batch_size)
+    hints = train.length_hints() if cfg.dataset.group_by_length else None
+    sampler = ShardedIndexSampler(len(train), seed=int(cfg.seed), lengths=hints, batch_size=micro)
+    order = [i for i in sampler.epoch_order(0) if i in lengths]
+    batches = [[lengths[i] for i in order[k:k + micro]] for k in range(0, len(order), micro)]
+    return sum(map(sum, batches)), sum(max(b) * len(b) for b in batches), len(batches)
+
+
+def run_preflight(cfg: Any, processor: Any, family: Any, datasets: Dict[str, Any], collator: Any,
+                  sample_size: Optional[int] = 64, progress: bool = False) -> PreflightReport:
+    """Check ``sample_size`` records of each split (``None``: all) against the model.
+
+    ``progress`` shows a progress bar per split (for a full check of a large data set). Raises ``BadRecordError`` / ``ConfigError`` (one line naming the record or key) on the first
+    problem training could not get past; under ``dataset.on_bad_record=skip`` skippable
+    problems are counted in the report instead.
+    """
+    checker = _Checker(cfg, processor, family, collator)
+    report = checker.report
+    for split, dataset in datasets.items():
+        report.split_sizes[split] = len(dataset)
+        indices = sample_indices(len(dataset), sample_size, int(cfg.seed))
+        report.checked[split] = len(indices)
+        if progress:
+            from tqdm import tqdm
+
+            indices = tqdm(indices, desc=f"checking {getattr(dataset, 'name', split)}",
+                           unit="record", leave=False)
+        for index in indices:
+            checker.check(split, dataset, index)
+    if "train" in datasets:
+        report.padding = padding_in_sampler_order(cfg, datasets["train"], checker.lengths_by_split.get("train", {}))
+    _check_usable(cfg, report, checker.lengths_by_split.get("train", {}))
+    return report
+
+
+def _check_usable(cfg: Any, report: PreflightReport, train_lengths: Dict[int, int]) -> None:
+    """Stop when the checked train records leave nothing, or too little, to train on."""
+    checked = report.checked.get("train", 0)
+    if not checked:
+        return
+    usable = len(train_lengths)
+    minimum = getattr(cfg.dataset, "min_usable_fraction", None) or 0.0
+    if usable == 0 or usable / checked < minimum:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(report.skipped.items()))
+        raise BadRecordError(
+            f"{report.dataset}: only {usable} of {checked} checked training records are usable "
+            f"(skipped: {reasons or 'none'}); e.g. {next(iter(report.skip_examples.values()), '-')}")
+
+
+def format_report(report: PreflightReport) -> str:
+    """The report as a few console lines."""
+    lines = [f"data pre-flight: dataset {report.dataset} for model {report.model} (family {report.family}); "
+             f"dataset.max_length={report.max_length}, micro batch {report.micro_batch_size}"]
+    checked = ", ".join(f"{split} {report.checked[split]} of {report.split_sizes[split]}" for split in report.checked)
+    lines.append(f"  checked    {checked} records: {report.usable} usable, {sum(report.skipped.values())} skipped")
+    for reason, count in sorted(report.skipped.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  skipped    {reason}: {count} (e.g. {report.skip_examples[reason]})")
+    if report.too_long:
+        shown = ", ".join(f"{record} {tokens}" for record, tokens in report.too_long[:5])
+        more = f" and {len(report.too_long) - 5} more" if len(report.too_long) > 5 else ""
+        lines.append(f"  too long   {shown}{more} tokens (> {report.max_length})")
+    if report.records_by_media:
+        lines.append("  media      " + ", ".join(f"{kind} {n}" for kind, n in sorted(report.records_by_media.items())))
+    if report.lengths:
+        ordered = sorted(report.lengths)
+        lines.append(f"  tokens     per usable record: min {ordered[0]}, median {ordered[len(ordered) // 2]}, "
+                     f"max {ordered[-1]}")
+        rows = report.histogram()
+        top = max(count for _, count in rows) or 1
+        width = max(len(label) for label, _ in rows)
+        lines += [f"    {label:>{width}} {count:6d}  {'#' * round(30 * count / top)}".rstrip() for label, count in rows]
+        total = sum(report.lengths)
+        # A processor may mark video frames with the image token: then the image count holds both.
+        shared = report.records_by_media.get("video") and not report.video_tokens
+        split = [("image/video" if shared else "image", report.image_tokens), ("video", report.video_tokens),
+                 ("text", report.text_tokens)]
+        lines.append("  split      " + ", ".join(f"{name} {n} ({n / total:.1%})" for name, n in split if n or
+                                                 name == "text") + f"; trained {report.trained_tokens} "
+                     f"({report.trained_tokens / total:.1%})")
+    if report.padding_efficiency is not None:
+        real, processed, batches = report.padding
+        lines.append(f"  padding    train in sampler order, {batches} batches of {report.micro_batch_size}: "
+                     f"{real} real of {processed} processed tokens = {report.padding_efficiency:.1%} "
+                     f"({1 - report.padding_efficiency:.1%} padding)")
+    if report.label_preview:
+        record, rendered = report.label_preview
+        lines.append(f"  labels     {record}, trained tokens in [[...]]:")
+        lines += [f"    {line}" for line in rendered.splitlines()]
+    return "\n".join(lines)

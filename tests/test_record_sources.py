@@ -1,0 +1,157 @@
+"""Records are named by where they are in the SOURCE (file:line, or the source split's row), and a broken
+JSONL line is one line naming its file and line (or skipped, named and counted)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image as PILImage
+
+from conftest import compose
+from vlm_sweep.data import fixtures
+from vlm_sweep.data.datasets import (BadRecordError, DatasetLoadError, build_datasets, carve_rows,
+                                     load_split)
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")
+
+
+def _row(answer: str, role: str = "assistant") -> str:
+    return json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                                    {"role": role, "content": [{"type": "text", "text": answer}]}]})
+
+
+def _custom(path: Path, lines: list, *extra: str):
+    path.write_text("".join(line + "\n" for line in lines))
+    return compose(["dataset=custom", f"dataset.path={path}", *extra]).dataset
+
+
+def _line_of(record_id: str, path: Path) -> int:
+    match = re.search(re.escape(str(path)) + r":(\d+)\)$", record_id)
+    assert match, record_id
+    return int(match.group(1))
+
+
+def _all(dataset) -> list:
+    out = []
+    for i in range(len(dataset)):
+        try:
+            out.append(dataset[i])
+        except BadRecordError as err:
+            out.append(err)
+    return out
+
+
+def test_a_bad_record_after_carving_is_named_by_its_file_line(tmp_path):
+    # 40 rows on 42 lines (two blank lines); the row on line 31 is bad (an unknown role).
+    lines, bad_line = [], 31
+    for number in range(1, 43):
+        lines.append("" if number in (5, 17) else _row(f"answer {number}", "robot" if number == bad_line else
+                                                       "assistant"))
+    data = tmp_path / "train.jsonl"
+    cfg = _custom(data, lines, "dataset.carve_val_fraction=0.25")
+    bad_row = sum(1 for number in range(1, bad_line) if lines[number - 1])  # its row in the file: 28
+    train_rows, val_rows = carve_rows(40, 0.25, seed=0)
+    assert bad_row in train_rows and train_rows.index(bad_row) != bad_row, "pick a line that moves when carved"
+    built = build_datasets(cfg)
+    seen = set()
+    for role in ("train", "validation"):
+        for item in _all(built[role]):
+            if isinstance(item, BadRecordError):
+                message = str(item)
+                assert f"custom/train[{bad_row}] ({data}:{bad_line})" in message and "robot" in message
+                seen.add(bad_line)
+                continue
+            line = _line_of(item.record_id, data)
+            assert item.conversation[-1]["content"][0]["text"] == f"answer {line}"  # the named line IS the row
+            seen.add(line)
+    assert seen == {n for n in range(1, 43) if n not in (5, 17)}
+    # max_train_samples keeps the names too.
+    limited = build_datasets(_custom(data, lines, "dataset.carve_val_fraction=0.25", "dataset.max_train_samples=3"))
+    assert [s.record_id for s in _all(limited["train"])] == [s.record_id for s in _all(built["train"])[:3]]
+
+
+def test_carved_and_filtered_hub_rows_are_named_by_their_source_row(tmp_path):
+    root = fixtures.write_raven(tmp_path / "raven")
+    parquet = root / "raven" / "train-00000-of-00001.parquet"
+    table = pq.read_table(parquet)
+    # Put an incomplete row (the fixture writes them last) first: every complete row moves when it is dropped.
+    pq.write_table(table.take(pa.array([table.num_rows - 1] + list(range(table.num_rows - 1)))), parquet)
+    source = pq.read_table(parquet).to_pylist()
+    built = build_datasets(compose(["dataset=raven", f"dataset.path={root}",
+                                    "dataset.carve_val_fraction=0.25"]).dataset)
+    named = 0
+    for role in ("train", "validation"):
+        dataset = built[role]
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            row = int(re.fullmatch(r"raven/train\[(\d+)\]", sample.record_id).group(1))
+            images = [p["image"] for p in sample.conversation[0]["content"] if p["type"] == "image"]
+            expected = [PILImage.open(io.BytesIO(i["bytes"])).convert("RGB") for i in source[row]["images"]]
+            assert [im.tobytes() for im in images] == [im.tobytes() for im in expected], sample.record_id
+            named += row != index
+    assert named > 0
+    # The evaluation CLIs' load_split + select keep the names as well.
+    cfg = compose(["dataset=raven", f"dataset.path={root}", "dataset.carve_val_fraction=0.25"]).dataset
+    from vlm_sweep.data.datasets import ConversationDataset
+
+    again = ConversationDataset(load_split(cfg, "validation").select(range(2)), cfg, "validation")
+    assert [again[i].record_id for i in range(2)] == [built["validation"][i].record_id for i in range(2)]
+
+
+def _garbage_file(tmp_path: Path) -> Path:
+    """Line 3 has trailing garbage, line 5 is JSON but not an object."""
+    data = tmp_path / "train.jsonl"
+    lines = [_row("a"), _row("b"), '{"messages": []} trailing garbage', _row("d"), "[1, 2]", _row("f")]
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+def test_a_jsonl_line_with_trailing_garbage_is_one_line_naming_file_and_line(tmp_path):
+    data = _garbage_file(tmp_path)
+    cfg = compose(["dataset=custom", f"dataset.path={data}", "dataset.on_bad_record=error"]).dataset
+    with pytest.raises(DatasetLoadError) as err:
+        build_datasets(cfg)
+    message = str(err.value)
+    assert "\n" not in message and f"{data}:3: invalid JSON" in message
+    assert "1 more bad line" in message and "dataset.on_bad_record=skip" in message
+
+
+def test_skip_names_and_counts_bad_lines_and_loads_the_rest(tmp_path, caplog):
+    data = _garbage_file(tmp_path)
+    cfg = compose(["dataset=custom", f"dataset.path={data}", "dataset.on_bad_record=skip",
+                   "dataset.carve_val_fraction=null", "dataset.val_split=null"]).dataset
+    with caplog.at_level(logging.WARNING, logger="vlm_sweep.data.datasets"):
+        train = build_datasets(cfg)["train"]
+    assert f"skipping bad record {data}:3: invalid JSON" in caplog.text
+    assert f"skipping bad record {data}:5: not a JSON object" in caplog.text
+    assert "skipped 2 bad line(s)" in caplog.text
+    samples = [train[i] for i in range(len(train))]
+    assert [_line_of(s.record_id, data) for s in samples] == [1, 2, 4, 6]
+    assert [s.conversation[-1]["content"][0]["text"] for s in samples] == ["a", "b", "d", "f"]
+
+
+def test_a_json_array_file_names_each_record_by_its_line(tmp_path):
+    data = tmp_path / "train.json"
+    rows = [json.loads(_row(f"answer {i}")) for i in range(3)]
+    data.write_text("[\n" + ",\n".join(json.dumps(r, indent=2) for r in rows) + "\n]\n")
+    text_lines = data.read_text().splitlines()
+    starts = [n for n, line in enumerate(text_lines, 1) if line == "{"]
+    cfg = compose(["dataset=custom", f"dataset.path={data}", "dataset.carve_val_fraction=null",
+                   "dataset.val_split=null"]).dataset
+    train = build_datasets(cfg)["train"]
+    assert [_line_of(train[i].record_id, data) for i in range(3)] == starts
+    data.write_text(data.read_text().replace('"answer 1"', '"answer 1" oops'))
+    with pytest.raises(DatasetLoadError, match=re.escape(f"{data}:") + r"\d+: invalid JSON"):
+        build_datasets(cfg)
