@@ -124,6 +124,7 @@ def test_known_noise_is_filtered_and_other_warnings_are_not(monkeypatch):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         monkeypatch.setattr(console, "_silenced", False)
+        monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)  # restored after the test
         console.silence_known_noise(tty=True)
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("'set_vital' is deprecated, please do not call", UserWarning)

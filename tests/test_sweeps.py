@@ -72,9 +72,10 @@ def test_failing_job_is_isolated_and_sweep_exits_nonzero(tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     sweep = tmp_path / "sweep"
-    # dataset.max_length=16 makes every record too long: the job fails inside training.
+    # dataset.max_length=16 makes every record too long: with the pre-flight check off, the job
+    # fails inside training (after its MLflow run opened).
     proc = run_launch(["-m", "hydra/launcher=local", f"hydra.sweep.dir={sweep}", f"tracking.uri={mlflow_uri}",
-                       "dataset.max_length=16,512", "optimizer.lr=1e-3", *TINY])
+                       "dataset.max_length=16,512", "dataset.preflight_samples=0", "optimizer.lr=1e-3", *TINY])
     assert proc.returncode == 1
     assert "1 of 2 jobs did not finish" in proc.stderr
     assert "BadRecordError" in proc.stderr and str(sweep / "0" / "launch.log") in proc.stderr

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any, Dict, Iterator, Mapping, Optional, TextIO
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, TextIO
 
 log = logging.getLogger("vlm_sweep.progress")
 
@@ -42,11 +42,20 @@ def is_tty(stream: Optional[TextIO] = None) -> bool:
         return False
 
 
-def silence_known_noise(tty: Optional[bool] = None) -> None:
-    """Filter the known third-party warnings and progress bars at their source (idempotent).
+def _disable_bars(module: str, env_var: str, disable: Callable[[Any], None]) -> None:
+    """Turn a library's progress bars off: now if it is imported, else through the variable it reads on import."""
+    if module in sys.modules:
+        disable(sys.modules[module])
+    else:
+        os.environ.setdefault(env_var, "1")
 
-    datasets' "Generating ... split" bars are always off; off a terminal, the transformers and
-    hub bars ("Loading weights", downloads) are too, since a log file only gets their carriage returns.
+
+def silence_known_noise(tty: Optional[bool] = None) -> None:
+    """Filter the known third-party warnings, INFO chatter and progress bars at their source (idempotent).
+
+    datasets' "Generating ... split" bars are always off; off a terminal, the hub and transformers bars
+    ("Loading weights", downloads) are too, since a log file only gets their carriage returns. Cheap:
+    imports nothing heavy, so launch.py can call it before Hydra starts.
     """
     global _silenced
     if _silenced:
@@ -56,15 +65,12 @@ def silence_known_noise(tty: Optional[bool] = None) -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in KNOWN_CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    import datasets
-
-    datasets.disable_progress_bars()
+    _disable_bars("datasets", "HF_DATASETS_DISABLE_PROGRESS_BARS", lambda m: m.disable_progress_bars())
     if not (is_tty() if tty is None else tty):
-        import huggingface_hub.utils
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        huggingface_hub.utils.disable_progress_bars()
+        # transformers reads the hub's setting when it is imported.
+        _disable_bars("huggingface_hub", "HF_HUB_DISABLE_PROGRESS_BARS", lambda m: m.utils.disable_progress_bars())
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def process_rank() -> int:

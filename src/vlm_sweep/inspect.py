@@ -79,11 +79,15 @@ def inspect(cfg: Any, sample_size: Optional[int] = None, progress: bool = False)
                          progress=progress)
 
 
+# Beyond the run's user errors (vlm_sweep.cli.USER_ERRORS): no conf dir, and Hydra's composition errors.
+_MORE_USER_ERRORS = ("ConfDirError", "MissingConfigException", "ConfigCompositionException")
+
+
 def _is_user_error(err: BaseException) -> bool:
     from vlm_sweep.cli import USER_ERRORS
 
-    return type(err).__name__ in USER_ERRORS + ("ConfDirError", "MissingConfigException", "ConfigCompositionException") or \
-        str(err).startswith("config error:")
+    name = type(err).__name__
+    return name in USER_ERRORS or name in _MORE_USER_ERRORS or str(err).startswith("config error:")
 
 
 def _parse(argv: List[str]) -> argparse.Namespace:

@@ -159,6 +159,15 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     datasets = build_datasets(cfg.dataset)
     collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record,
                            min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels)
+    if cfg.dataset.preflight_samples:
+        # Every rank checks (same result everywhere), so a refusal stops all before any collective.
+        from vlm_sweep.data.preflight import format_report, run_preflight
+
+        report = run_preflight(cfg, processor, family, datasets, collator,
+                               sample_size=cfg.dataset.preflight_samples)
+        if accelerator.is_main_process:
+            log.info("pre-flight check of %d records per split:\n%s", cfg.dataset.preflight_samples,
+                     format_report(report))
     train_loader, val_loader = build_loaders(
         cfg.dataset, cfg.step_scheduler, datasets, collator, seed=cfg.seed, rank=accelerator.process_index,
         world_size=accelerator.num_processes, shard_validation=cfg.parallel.strategy != "fsdp",

@@ -21,7 +21,6 @@ waste at the configured micro batch, and one record's label mask.
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -206,7 +205,7 @@ class _Checker:
             line = f"{record_id}: {line}"
         if not (skippable and self.skip):
             hint = _FIX if skippable else "fix or remove the record"
-            raise BadRecordError(f"{line} ({hint})")
+            raise BadRecordError(line if "on_bad_record" in line else f"{line} ({hint})")
         self.report.skipped[reason] = self.report.skipped.get(reason, 0) + 1
         self.report.skip_examples.setdefault(reason, line)
 
@@ -295,18 +294,28 @@ class _Checker:
         return sorted(name for name, family in MODEL_FAMILIES.items() if "video" in family.modalities)
 
 
-def padding_in_sampler_order(cfg: Any, train: Any, lengths: Dict[int, int]) -> Optional[Tuple[int, int, int]]:
-    """(real, processed, batches): the checked train records in epoch-0 sampler order, padded
-    right to the longest of each micro batch as the collator does (one process)."""
+def padding_in_sampler_order(cfg: Any, train: Any, checked: Sequence[int],
+                             lengths: Dict[int, int]) -> Optional[Tuple[int, int, int]]:
+    """(real, processed, batches) for the checked train records batched as the run batches them.
+
+    The run's sampler (same seed, same length grouping) orders the checked records; each micro
+    batch drops its unusable records, as the collator does, and pads right to its longest. For
+    a full check on one process this is exactly the first epoch; for a sample, the same
+    batching applied to the sampled records.
+    """
     from vlm_sweep.data.sampler import ShardedIndexSampler
 
     if not lengths:
         return None
     micro = int(cfg.step_scheduler.micro_batch_size)
-    hints = train.length_hints() if cfg.dataset.group_by_length else None
-    sampler = ShardedIndexSampler(len(train), seed=int(cfg.seed), lengths=hints, batch_size=micro)
-    order = [i for i in sampler.epoch_order(0) if i in lengths]
-    batches = [[lengths[i] for i in order[k:k + micro]] for k in range(0, len(order), micro)]
+    hints = None
+    if cfg.dataset.group_by_length:
+        every = train.length_hints()
+        hints = [every[i] for i in checked]
+    sampler = ShardedIndexSampler(len(checked), seed=int(cfg.seed), lengths=hints, batch_size=micro)
+    order = [checked[p] for p in sampler.epoch_order(0)]
+    batches = [[lengths[i] for i in order[k:k + micro] if i in lengths] for k in range(0, len(order), micro)]
+    batches = [b for b in batches if b]
     return sum(map(sum, batches)), sum(max(b) * len(b) for b in batches), len(batches)
 
 
@@ -314,25 +323,28 @@ def run_preflight(cfg: Any, processor: Any, family: Any, datasets: Dict[str, Any
                   sample_size: Optional[int] = 64, progress: bool = False) -> PreflightReport:
     """Check ``sample_size`` records of each split (``None``: all) against the model.
 
-    ``progress`` shows a progress bar per split (for a full check of a large data set). Raises ``BadRecordError`` / ``ConfigError`` (one line naming the record or key) on the first
+    Raises ``BadRecordError`` / ``ConfigError`` (one line naming the record or key) on the first
     problem training could not get past; under ``dataset.on_bad_record=skip`` skippable
-    problems are counted in the report instead.
+    problems are counted in the report instead. ``progress``: a progress bar per split (for a
+    full check of a large data set).
     """
     checker = _Checker(cfg, processor, family, collator)
     report = checker.report
+    checked: Dict[str, List[int]] = {}
     for split, dataset in datasets.items():
         report.split_sizes[split] = len(dataset)
-        indices = sample_indices(len(dataset), sample_size, int(cfg.seed))
-        report.checked[split] = len(indices)
+        checked[split] = sample_indices(len(dataset), sample_size, int(cfg.seed))
+        report.checked[split] = len(checked[split])
+        indices: Any = checked[split]
         if progress:
             from tqdm import tqdm
 
-            indices = tqdm(indices, desc=f"checking {getattr(dataset, 'name', split)}",
-                           unit="record", leave=False)
+            indices = tqdm(indices, desc=f"checking {getattr(dataset, 'name', split)}", unit="record", leave=False)
         for index in indices:
             checker.check(split, dataset, index)
-    if "train" in datasets:
-        report.padding = padding_in_sampler_order(cfg, datasets["train"], checker.lengths_by_split.get("train", {}))
+    if checked.get("train"):
+        report.padding = padding_in_sampler_order(cfg, datasets["train"], checked["train"],
+                                                  checker.lengths_by_split.get("train", {}))
     _check_usable(cfg, report, checker.lengths_by_split.get("train", {}))
     return report
 

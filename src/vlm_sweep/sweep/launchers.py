@@ -1,4 +1,8 @@
-"""submitit launchers (local and SLURM) that wait for every job and isolate failures.
+"""What vlm_sweep's submitit launchers (local and SLURM) add: wait for every job, isolate failures.
+
+Hydra instantiates launchers only from the ``hydra_plugins`` package: the launcher classes
+themselves are ``hydra_plugins.vlm_sweep_plugins.LocalLauncher|SlurmLauncher``, built from
+the plugin's launchers and the mixins here.
 
 hydra-submitit-launcher collects results with ``[j.results()[0] for j in jobs]``: the first
 job that died (cancelled, OOM-killed, node failure) raises there, the sweep command
@@ -15,6 +19,8 @@ in one line naming sbatch's own error and the way out (``hydra/launcher=local``)
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -24,7 +30,6 @@ from typing import Any, List, NoReturn, Optional, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher as plugin
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
@@ -34,7 +39,7 @@ from vlm_sweep.sweep.job import JobStatus as VlmJobStatus
 log = logging.getLogger(__name__)
 
 
-class _WaitForAll:
+class WaitForAll:
     """Mixin over the plugin's launchers: same executor set-up, fault-isolated collection."""
 
     def _executor(self) -> Any:
@@ -59,13 +64,17 @@ class _WaitForAll:
         for idx, overrides in zip(indices, job_overrides):
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
             job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+        printed = io.StringIO()  # submitit prints sbatch's stderr on failure: our one line quotes it
         try:
-            jobs = self._executor().map_array(self, *zip(*job_params))
+            with contextlib.redirect_stderr(printed):
+                jobs = self._executor().map_array(self, *zip(*job_params))
         except Exception as err:
             problem = self.submission_problem(err)
             if problem is None:
+                sys.stderr.write(printed.getvalue())
                 raise
             self._abort(sweep_dir, problem)
+        sys.stderr.write(printed.getvalue())
         results: List[JobReturn] = []
         for idx, overrides, job in zip(indices, job_overrides, jobs):
             try:
@@ -112,12 +121,8 @@ class _WaitForAll:
             mlflow_run_id=previous.get("mlflow_run_id")))
 
 
-class LocalLauncher(_WaitForAll, plugin.LocalLauncher):
-    """submitit's local executor: jobs run as parallel processes on this machine."""
-
-
-class SlurmLauncher(_WaitForAll, plugin.SlurmLauncher):
-    """submitit on SLURM: a sweep is one job array."""
+class SlurmSubmission:
+    """Mixin for the SLURM launcher: a sweep that could not be submitted is one line, not a traceback."""
 
     def submission_problem(self, err: Exception) -> Optional[str]:
         """Any failure before the array is queued: no SLURM client, sbatch's error, bad parameters."""
@@ -131,9 +136,12 @@ class SlurmLauncher(_WaitForAll, plugin.SlurmLauncher):
                 f"hydra.launcher.partition/account/qos, {local}")
 
 
+PLUGINS = "hydra_plugins.vlm_sweep_plugins"
+
+
 def register_launcher_schemas() -> None:
-    """Point ``hydra/launcher=submitit_local|submitit_slurm`` at the launchers above, and
-    ``hydra/sweeper=optuna`` at ``vlm_sweep.sweep.optuna_sweeper.OptunaSweeper``.
+    """Point ``hydra/launcher=submitit_local|submitit_slurm`` and ``hydra/sweeper=optuna`` at
+    vlm_sweep's plugins (``hydra_plugins.vlm_sweep_plugins``).
 
     Hydra's plugin scan re-executes every ``hydra_plugins`` module, including the plugins'
     config modules that store these names: anything stored before the scan is overwritten.
@@ -149,8 +157,8 @@ def register_launcher_schemas() -> None:
     Plugins.instance()
     cs = ConfigStore.instance()
     cs.store(group="hydra/launcher", name="submitit_local", provider="vlm_sweep",
-             node=LocalQueueConf(_target_=f"{__name__}.LocalLauncher"))
+             node=LocalQueueConf(_target_=f"{PLUGINS}.LocalLauncher"))
     cs.store(group="hydra/launcher", name="submitit_slurm", provider="vlm_sweep",
-             node=SlurmQueueConf(_target_=f"{__name__}.SlurmLauncher", max_num_timeout=3))
+             node=SlurmQueueConf(_target_=f"{PLUGINS}.SlurmLauncher", max_num_timeout=3))
     cs.store(group="hydra/sweeper", name="optuna", provider="vlm_sweep",
-             node=OptunaSweeperConf(_target_="vlm_sweep.sweep.optuna_sweeper.OptunaSweeper"))
+             node=OptunaSweeperConf(_target_=f"{PLUGINS}.OptunaSweeper"))

@@ -8,6 +8,7 @@ sampler's sequence: the first new trials get exactly the parameters of trials 0,
 Here the sampler seed is offset by the number of trials the study already has (so the
 continuation draws new parameters, still reproducibly), and each job's number is its
 Optuna trial number (unique in the study, and the same in the report and in MLflow).
+The Hydra plugin class is ``hydra_plugins.vlm_sweep_plugins.OptunaSweeper``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import functools
 import logging
 from typing import Any, List, Optional, Sequence
 
-from hydra_plugins.hydra_optuna_sweeper import optuna_sweeper as plugin
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
 
 log = logging.getLogger(__name__)
@@ -63,18 +63,10 @@ class ContinuingOptunaSweeperImpl(OptunaSweeperImpl):
         return super()._configure_trials(trials, search_space_distributions, fixed_params)
 
 
-class OptunaSweeper(plugin.OptunaSweeper):
-    """``hydra/sweeper=optuna`` with :class:`ContinuingOptunaSweeperImpl` (same config schema).
-
-    Registered by ``vlm_sweep.sweep.launchers.register_launcher_schemas`` (without importing
-    this module: it imports optuna, which ``launch.py --cfg job`` must not wait for).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        impl = self.sweeper
-        self.sweeper = ContinuingOptunaSweeperImpl(
-            impl.sampler, impl.direction, impl.storage, impl.study_name, impl.n_trials, impl.n_jobs,
-            impl.max_failure_rate, impl.search_space, None, impl.params)
-        self.sweeper.custom_search_space_extender = impl.custom_search_space_extender
-
+def continuing(impl: OptunaSweeperImpl) -> ContinuingOptunaSweeperImpl:
+    """The plugin's sweeper implementation, rebuilt as :class:`ContinuingOptunaSweeperImpl`."""
+    new = ContinuingOptunaSweeperImpl(
+        impl.sampler, impl.direction, impl.storage, impl.study_name, impl.n_trials, impl.n_jobs,
+        impl.max_failure_rate, impl.search_space, None, impl.params)
+    new.custom_search_space_extender = impl.custom_search_space_extender
+    return new

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import socket
 import tempfile
@@ -29,6 +30,7 @@ DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 # for minutes); the tracker's sender retries on its own schedule instead.
 HTTP_TIMEOUT_S = 5
 SEARCH_ENDPOINT = "/api/2.0/mlflow/experiments/search"
+_JITTER = random.Random()  # not the global RNG: retries must not change a seeded training run
 
 
 class TrackingError(RuntimeError):
@@ -135,8 +137,6 @@ class RetryingClient:
             return method
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            import random
-
             for attempt in range(self._attempts):
                 try:
                     return method(*args, **kwargs)
@@ -144,7 +144,7 @@ class RetryingClient:
                     transient = "locked" in str(err) or "busy" in str(err).lower()
                     if not transient or attempt == self._attempts - 1:
                         raise
-                    time.sleep(min(0.2 * 2 ** attempt, 5.0) * (0.5 + random.random()))
+                    time.sleep(min(0.2 * 2 ** attempt, 5.0) * (0.5 + _JITTER.random()))
         return call
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set
@@ -113,8 +114,12 @@ class MlflowTracker(NullTracker):
             all_tags["mlflow.parentRunId"] = parent_run_id
         all_tags = {str(k): str(v) for k, v in redact(all_tags).items() if v is not None}
         name = tracking_cfg.run_name or run_name
-        run = _retry_sync(lambda: self.client.create_run(exp_id, run_name=redact(name) if name else None,
-                                                         tags=all_tags))
+        state = random.getstate()  # MLflow draws unnamed runs' names from the global RNG training seeded
+        try:
+            run = _retry_sync(lambda: self.client.create_run(exp_id, run_name=redact(name) if name else None,
+                                                             tags=all_tags))
+        finally:
+            random.setstate(state)
         return run.info.run_id
 
     def _send(self, what: str, payload: Any) -> None:

@@ -51,7 +51,9 @@ from vlm_sweep.models.registry import COMPONENT_ORDER, ModelFamily, component_of
 OTHER = "other"  # modules no registry component claims
 MEDIA_TOKEN_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 Q_NAMES = ("q_proj", "query", "q", "wq", "q_lin", "to_q")
-QKV_NAMES = ("qkv", "qkv_proj", "Wqkv", "c_attn", "query_key_value", "in_proj")
+QKV_NAMES = ("qkv", "qkv_proj", "Wqkv", "c_attn", "query_key_value")  # not "in_proj": Mamba mixers have one
+OUT_NAMES = ("out_proj", "o_proj")  # output projections a fused kernel may apply without calling them
+SSM_ATTRS = ("num_heads", "head_dim", "ssm_state_size", "n_groups", "chunk_size")  # Mamba2-style mixers
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 # Dense (no sparsity) BF16 tensor-core peaks in TFLOPS per device, from the vendors' datasheets
@@ -199,6 +201,9 @@ class FlopCounter:
             width = _attention_width(module)
             if width:
                 hook(module, self._attention_hook(comp, width), with_kwargs=True)
+            elif all(isinstance(getattr(module, a, None), int) for a in SSM_ATTRS):
+                hook(module, self._scan_hook(comp), with_kwargs=True)
+            self._watch_fused_output(module, comp)
         self._handles.append(self.model.register_forward_pre_hook(self._enter, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._exit, with_kwargs=True))
 
@@ -271,6 +276,40 @@ class FlopCounter:
             if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
                 self._tally.backward_flops[comp] += 2.0 * flops
         return hook
+
+    def _scan_hook(self, comp: str) -> Callable:
+        """Mamba2 SSD scan per token: 2QGN (C.B^T) + 2Q.d_in (scores x X) + 4N.d_in (chunk states in/out)."""
+        def hook(module: nn.Module, args: tuple, kwargs: Dict[str, Any], output: Any) -> None:
+            x = _first_tensor(args, kwargs, "hidden_states")
+            if _in_backward() or x is None or x.dim() < 2:
+                return
+            q = min(module.chunk_size, x.shape[-2])
+            d_in, n = module.num_heads * module.head_dim, module.ssm_state_size
+            flops = float(x.numel() // x.shape[-1]) * (2 * q * module.n_groups * n + 2 * q * d_in + 4 * n * d_in)
+            self._tally.forward_flops[comp] += flops
+            if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+                self._tally.backward_flops[comp] += 2.0 * flops
+        return hook
+
+    def _watch_fused_output(self, module: nn.Module, comp: str) -> None:
+        """Count an output projection that a fused kernel applied by weight, without calling the module
+        (Mamba's training kernel takes ``outproj_weight``): it ran if its parent returned its width."""
+        children = dict(module.named_children())
+        out = next((children[n] for n in OUT_NAMES if isinstance(children.get(n), nn.Linear)), None)
+        if out is None:
+            return
+        calls = [0]
+        counted = out.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        before = module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, 0))
+
+        def after(mod: nn.Module, args: tuple, kwargs: Dict[str, Any], output: Any) -> None:
+            x, y = _first_tensor(args, kwargs, "hidden_states"), _output_tensor(output)
+            if calls[0] or _in_backward() or x is None or not torch.is_tensor(y) or y.shape[-1] != out.out_features:
+                return
+            rows = y.numel() // out.out_features
+            upstream = x.requires_grad or any(p.requires_grad for p in mod.parameters() if p is not out.weight)
+            self._add(comp, 2.0 * out.in_features * out.out_features * rows, rows, upstream, out.weight.requires_grad)
+        self._handles += [counted, before, module.register_forward_hook(after, with_kwargs=True)]
 
     # -- per-forward token split --------------------------------------------------------------
     def _enter(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:

@@ -13,26 +13,48 @@ import json
 import logging
 import math
 import resource
-import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from vlm_sweep.training.guards import DataHealth, StopSignal, StoppedWhileReading
 from vlm_sweep.training.loss import count_label_tokens, summed_token_loss
 from vlm_sweep.training.distributed import full_tensor, is_fsdp, no_gradient_sync, unsharded
 
 log = logging.getLogger(__name__)
 
+# Under several processes, the stop flag is agreed on (one all-reduce) this often, in steps,
+# and at every checkpoint step; a single process checks its own flag every step for free.
+STOP_CHECK_EVERY = 5
+
+
 @dataclass
 class StepStats:
-    loss: float
-    label_tokens: int
-    grad_norm: float
-    tokens: int
+    """One optimizer step. Tensors stay on the device until a log step needs them."""
+
+    loss_sum: torch.Tensor  # this rank's summed token loss
+    grad_norm: torch.Tensor  # pre-clip global norm (the same on every rank)
+    label_tokens: int  # global label tokens (the step's normaliser)
+    tokens: int  # this rank's real (non-padding) tokens
     skipped: int
+
+
+@dataclass
+class LogWindow:
+    """Host-side counts since the last log line (no device sync to keep them)."""
+
+    tokens: int = 0
+    label_tokens: int = 0
+    skipped: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, stats: StepStats) -> None:
+        self.tokens += stats.tokens
+        self.label_tokens += stats.label_tokens
+        self.skipped += stats.skipped
 
 
 def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -43,70 +65,6 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-
-
-class StopSignal:
-    """SIGTERM/SIGUSR2 (what a cluster sends before preemption) and Ctrl-C request a checkpoint and exit.
-
-    The first signal is honoured at the next step boundary (every rank at the same step); a
-    second Ctrl-C stops at once (KeyboardInterrupt), keeping the previous checkpoint.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self._previous = {}
-        for sig in self.SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
-            raise KeyboardInterrupt
-        if signum == signal.SIGINT:
-            log.warning("Ctrl-C: checkpointing at the end of this step (press Ctrl-C again to stop now)")
-        self.received = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class StoppedWhileReading(RuntimeError):
-    """A stop signal arrived while the loop was waiting for usable data (no step to finish)."""
-
-
-class DataHealth:
-    """Counts usable vs skipped training records; fails when too few are usable to train on.
-
-    With ``on_bad_record=skip`` a data set of bad records would otherwise be skipped forever.
-    Checked once at least one epoch's worth (or 200) of records has been read.
-    """
-
-    def __init__(self, num_records: int, min_usable_fraction: float, name: str) -> None:
-        self.num_records = num_records
-        self.min_fraction = min_usable_fraction
-        self.name = name
-        self.usable = 0
-        self.skipped = 0
-
-    def update(self, usable: int, skipped: int) -> None:
-        self.usable += usable
-        self.skipped += skipped
-        seen = self.usable + self.skipped
-        if seen < min(self.num_records, 200) or self.skipped == 0:
-            return
-        fraction = self.usable / seen
-        if self.usable == 0 or fraction < self.min_fraction:
-            from vlm_sweep.data.datasets import BadRecordError
-
-            raise BadRecordError(
-                f"{self.name}: only {self.usable} of the {seen} training records read so far are usable "
-                f"({fraction:.0%} < dataset.min_usable_fraction={self.min_fraction}); the skipped-record "
-                f"lines above say why (python -m vlm_sweep.inspect checks the whole data set)")
 
 
 class Trainer:
@@ -165,9 +123,15 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------
     def train_step(self) -> StepStats:
+        """Accumulate ``accum`` micro-batches and step; no host sync in a single process.
+
+        Label tokens are counted on the CPU batches; several processes agree on the global
+        count with one all-reduce (the step's normaliser must be exact on every rank).
+        """
         micro = [self.next_batch() for _ in range(self.accum)]  # kept on CPU until used
-        local_tokens = sum(count_label_tokens(b) for b in micro)
-        global_tokens = int(self.acc.reduce(torch.tensor(local_tokens, device=self.acc.device), "sum"))
+        global_tokens = sum(count_label_tokens(b) for b in micro)
+        if self.acc.num_processes > 1:
+            global_tokens = int(self.acc.reduce(torch.tensor(global_tokens, device=self.acc.device), "sum"))
         scale = self.acc.num_processes / max(global_tokens, 1)
         loss_sum = torch.zeros((), device=self.acc.device)
         for i, batch in enumerate(micro):
@@ -183,27 +147,35 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = float(sum(int(b["attention_mask"].sum()) for b in micro))
-        # One all-reduce for both logged sums.
-        total_loss, total_tokens = self.acc.reduce(
-            torch.stack([loss_sum, torch.tensor(tokens, device=self.acc.device)]), "sum").tolist()
-        return StepStats(
-            loss=total_loss / global_tokens if global_tokens else 0.0,
-            label_tokens=global_tokens,
-            grad_norm=grad_norm,
-            tokens=int(total_tokens),
-            skipped=sum(b["num_skipped"] for b in micro),
-        )
+        return StepStats(loss_sum=loss_sum, grad_norm=grad_norm, label_tokens=global_tokens,
+                         tokens=sum(int(b["attention_mask"].sum()) for b in micro),
+                         skipped=sum(b["num_skipped"] for b in micro))
 
-    def _clip_gradients(self) -> float:
-        """Clip to optimizer.max_grad_norm (inf: measure only); returns the pre-clip norm."""
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip to optimizer.max_grad_norm (inf: measure only); returns the pre-clip norm, on the device."""
         max_norm = self.cfg.optimizer.max_grad_norm or float("inf")
         if self.fsdp:
-            norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
-        else:
-            norm = self.acc.clip_grad_norm_(self.trainable, max_norm)
-        value = float(norm)
-        return value if math.isfinite(value) else float("nan")
+            return full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        return self.acc.clip_grad_norm_(self.trainable, max_norm)
+
+    def _step_metrics(self, stats: StepStats, window: LogWindow) -> Dict[str, float]:
+        """The logged metrics of this step: the one host sync (and all-reduce) of a log step."""
+        now = time.perf_counter()
+        loss_sum, tokens = self.acc.reduce(
+            torch.stack([stats.loss_sum.float(), torch.tensor(float(window.tokens), device=self.acc.device)]),
+            "sum").tolist()
+        grad_norm = float(stats.grad_norm)
+        metrics = {
+            "loss": loss_sum / stats.label_tokens if stats.label_tokens else 0.0,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"),
+            "label_tokens": stats.label_tokens,
+            "tokens_per_s": tokens / max(now - window.started, 1e-9),
+            "peak_memory_gb": peak_memory_gb(self.acc.device),
+        }
+        if window.skipped:
+            metrics["skipped_records"] = window.skipped
+        return metrics
 
     # -- validation ---------------------------------------------------------------------
     @torch.no_grad()
@@ -255,33 +227,30 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def _measure(self, metrics: Dict[str, float], *, val: bool, gen: bool) -> bool:
-        """Add val_loss / eval metrics when due; True if anything was measured."""
-        before = len(metrics)
+    def _measure(self, metrics: Dict[str, float], progress: Any, *, val: bool, gen: bool) -> None:
+        """Add val_loss / eval metrics when due, saying on the console what the loop is doing."""
         if val:
-            val_loss = self.validate()
+            with progress.phase("validating"):
+                val_loss = self.validate()
             if val_loss is not None:
                 metrics["val_loss"] = self.history["val_loss"] = val_loss
         if gen and self.eval_samples:
-            scores = self.evaluate_generation()
+            with progress.phase("generating"):
+                scores = self.evaluate_generation()
             metrics.update(scores)
             self.history.update(scores)
-        return len(metrics) > before
 
     def fit(self) -> str:
         """Train to max_steps (or until a stop signal). Returns the final MLflow status."""
+        from vlm_sweep.console import ProgressReporter
+
         steps = self.cfg.step_scheduler
         self.stopper = stopper = StopSignal()
-        progress = None
-        if self.acc.is_main_process:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=steps.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        progress = ProgressReporter(steps.max_steps, self.step, self.acc.is_main_process, steps.log_every_steps)
+        window = LogWindow()
         self.model.train()
-        status = "FINISHED"
         try:
             while self.step < steps.max_steps:
-                started = time.perf_counter()
                 try:
                     stats = self.train_step()
                 except StoppedWhileReading:
@@ -290,52 +259,55 @@ class Trainer:
                     self.stop_signal = stopper.received
                     return "KILLED"
                 self.step += 1
-                elapsed = time.perf_counter() - started
-                metrics = {
-                    "loss": stats.loss,
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "grad_norm": stats.grad_norm,
-                    "label_tokens": stats.label_tokens,
-                    "tokens_per_s": stats.tokens / elapsed,
-                    "peak_memory_gb": peak_memory_gb(self.acc.device),
-                }
-                if stats.skipped:
-                    metrics["skipped_records"] = stats.skipped
-                self.history["loss"] = stats.loss
-                self.history.setdefault("first_loss", stats.loss)
-                last = self.step == steps.max_steps
-                stop = self._stop_requested(stopper)
-                save = stop or last or self.step % steps.ckpt_every_steps == 0
-                best = self.cfg.checkpoint.best_metric if save else None
-                every_eval = self.cfg.eval.every_steps
-                measured = self._measure(
-                    metrics,
-                    val=last or self.step % steps.val_every_steps == 0 or best == "val_loss",
-                    gen=bool(every_eval) and (last or self.step % every_eval == 0)
-                    or bool(best and best.startswith("eval/")),
-                )
-                if self.step % steps.log_every_steps == 0 or last or measured:
-                    self._log(metrics, self.step)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{metrics['lr']:.2e}")
-                if save:
-                    self.save_fn(self, metrics)
+                window.add(stats)
+                stop, logged = self._after_step(stats, window, stopper, progress)
                 if stop:
                     log.warning("signal %s received: checkpointed at step %d, exiting", stopper.received,
                                 self.step)
-                    status = "KILLED"
                     self.stop_signal = stopper.received
-                    break
+                    return "KILLED"
+                if logged:  # the next log line measures from here
+                    window = LogWindow()
         finally:
             stopper.restore()
             self.stopper = None
-            if progress is not None:
-                progress.close()
-        return status
+            progress.close()
+        return "FINISHED"
 
-    def _stop_requested(self, stopper: StopSignal) -> bool:
-        """Agree across ranks, so every process checkpoints and exits at the same step."""
+    def _after_step(self, stats: StepStats, window: LogWindow, stopper: StopSignal,
+                    progress: Any) -> Tuple[bool, bool]:
+        """Validate, evaluate, log and checkpoint as due. Returns (a stop signal ends the run here, logged)."""
+        steps, step = self.cfg.step_scheduler, self.step
+        last = step == steps.max_steps
+        save_due = last or step % steps.ckpt_every_steps == 0
+        stop = self._stop_requested(stopper, force_check=save_due)
+        save = stop or save_due
+        best = self.cfg.checkpoint.best_metric if save else None
+        every_eval = self.cfg.eval.every_steps
+        val = last or step % steps.val_every_steps == 0 or best == "val_loss"
+        gen = bool(every_eval) and (last or step % every_eval == 0) or bool(best and best.startswith("eval/"))
+        gen = gen and bool(self.eval_samples)
+        if not (val or gen or save or step % steps.log_every_steps == 0 or "first_loss" not in self.history):
+            progress.step(step, {})
+            return False, False
+        metrics = self._step_metrics(stats, window)
+        self.history["loss"] = metrics["loss"]
+        self.history.setdefault("first_loss", metrics["loss"])
+        progress.step(step, metrics)
+        self._measure(metrics, progress, val=val and self.val_loader is not None, gen=gen)
+        self._log(metrics, step)
+        progress.measured(step, metrics)
+        if save:
+            self.save_fn(self, metrics)
+        return stop, True
+
+    def _stop_requested(self, stopper: StopSignal, force_check: bool) -> bool:
+        """Agree across ranks (every STOP_CHECK_EVERY steps and at checkpoint steps), so every
+        process checkpoints and exits at the same step; one process needs no agreement."""
+        if self.acc.num_processes == 1:
+            return stopper.received is not None
+        if not force_check and self.step % STOP_CHECK_EVERY != 0:
+            return False
         flag = torch.tensor(1 if stopper.received else 0, device=self.acc.device)
         return bool(self.acc.reduce(flag, "sum") > 0)
 
