@@ -331,3 +331,41 @@ def test_torch_save_full_finetune_reads_trained_weights_from_the_model_dir(tmp_p
     assert not (step / "training_state" / "trainable.pt").exists()
     loaded = ckpt.trained_weights(step)
     assert loaded.keys() == weights.keys() and all(torch.equal(loaded[n], weights[n]) for n in weights)
+
+
+FULL_DISK_DRIVER = '''
+import errno, runpy, sys
+import torch
+real_save = torch.save
+def full_disk(obj, path, *args, **kwargs):
+    if str(path).endswith("tmp_step_4/training_state/optimizer.pt"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(obj, path, *args, **kwargs)
+torch.save = full_disk
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_run_is_one_line_and_the_rerun_resumes(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, run_launch
+
+    args = [f"hydra.run.dir={tmp_path}", "tracking=none", "eval=none", "dataset.val_split=null",
+            "step_scheduler.max_steps=4", "step_scheduler.ckpt_every_steps=2"]
+    driver = tmp_path / "driver.py"
+    driver.write_text(FULL_DISK_DRIVER)
+    proc = subprocess.run([sys.executable, str(driver), str(ROOT / "launch.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    root = tmp_path / "checkpoints"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "error: could not write checkpoint" in proc.stderr and f"{root / 'step_2'} is intact" in proc.stderr
+    assert not (root / ".tmp_step_4").exists() and (root / "LATEST").read_text().strip() == "step_2"
+
+    proc = run_launch(args)  # the disk has room again
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (root / "LATEST").read_text().strip() == "step_4"

@@ -4,7 +4,6 @@ skip); records that only fail together say to use micro_batch_size=1; skipped ov
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 from PIL import Image

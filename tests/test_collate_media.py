@@ -144,7 +144,9 @@ def test_pixel_budget_on_a_processor_that_does_not_take_it_is_a_config_error(gem
 
 
 def test_video_on_a_processor_without_video_support_is_an_error(gemma, clip):
-    with pytest.raises(ValueError, match="cannot take videos"):
+    from vlm_sweep.data.datasets import BadRecordError
+
+    with pytest.raises(BadRecordError, match=r"^v: .*cannot take videos"):
         VLMCollator(gemma, 4096)([_sample("v", "x", video=load_video_frames(clip, num_frames=2))])
 
 

@@ -158,7 +158,9 @@ def test_torch_save_checkpoints_load_and_generate(tmp_path, receipt, peft):
     expected = "pytorch_model.bin" if peft == "none" else "adapter_model.bin"
     assert (model_dir / expected).exists() and not list(model_dir.glob("*.safetensors"))
     loaded = load_for_inference(str(tmp_path))
-    trained = torch.load(tmp_path / "checkpoints" / "step_12" / "training_state" / "trainable.pt", weights_only=True)
+    from vlm_sweep.training.checkpoint import trained_weights
+
+    trained = trained_weights(tmp_path / "checkpoints" / "step_12")
     params = dict(loaded.model.named_parameters())
     for name, tensor in trained.items():  # the trained weights, not the base model's
         torch.testing.assert_close(params[name], tensor)

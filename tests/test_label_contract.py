@@ -7,7 +7,6 @@ must decode to one assistant answer (in order) followed by the template's end-of
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

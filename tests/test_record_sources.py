@@ -126,6 +126,13 @@ def test_a_jsonl_line_with_trailing_garbage_is_one_line_naming_file_and_line(tmp
     message = str(err.value)
     assert "\n" not in message and f"{data}:3: invalid JSON" in message
     assert "1 more bad line" in message and "dataset.on_bad_record=skip" in message
+    # A directory whose split file is broken names the file and line too.
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    (directory / "train.jsonl").write_text(data.read_text())
+    with pytest.raises(DatasetLoadError) as err:
+        build_datasets(compose(["dataset=custom", f"dataset.path={directory}"]).dataset)
+    assert "\n" not in str(err.value) and f"{directory / 'train.jsonl'}:3: invalid JSON" in str(err.value)
 
 
 def test_skip_names_and_counts_bad_lines_and_loads_the_rest(tmp_path, caplog):

@@ -30,8 +30,9 @@ def _metrics(run_dir: Path) -> list:
 
 
 def _final_weights(run_dir: Path) -> dict:
-    path = run_dir / "checkpoints" / "step_40" / "training_state" / "trainable.pt"
-    return torch.load(path, weights_only=True)
+    from vlm_sweep.training.checkpoint import trained_weights
+
+    return trained_weights(run_dir / "checkpoints" / "step_40")
 
 
 def _wait_for(predicate, timeout: float = 120.0, proc=None) -> None:

@@ -73,6 +73,9 @@ def test_handled_error_marks_the_run_failed_in_status_and_mlflow(tmp_path, mlflo
                        "step_scheduler.micro_batch_size=2", "eval=none"])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    # Raised in a DataLoader worker, reported by its own message: the record and its file line.
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "custom/train[" in errors[0] and ".jsonl:" in errors[0], proc.stderr[-2000:]
     assert json.loads((run_dir / "job_status.json").read_text())["status"] == "FAILED"
     assert _mlflow_status(mlflow_uri, run_dir) == "FAILED"
 

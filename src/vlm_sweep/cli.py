@@ -20,9 +20,8 @@ from omegaconf import DictConfig
 
 log = logging.getLogger("vlm_sweep")
 
-# Errors whose message is the whole story: print one line, no traceback.
-USER_ERRORS = ("ConfigError", "ModelLoadError", "DatasetLoadError", "BadRecordError",
-               "CheckpointError", "LoraTargetError", "MediaError", "TrackingError")
+# Errors not (yet) derived from UserError whose message is the whole story.
+USER_ERRORS = ("ModelLoadError", "TrackingError")
 
 
 def format_summary(result, resume_hint: Optional[str] = None) -> str:
@@ -56,11 +55,23 @@ def resume_command(ctx) -> str:
 
 
 def _is_user_error(err: BaseException) -> bool:
-    return type(err).__name__ in USER_ERRORS or str(err).startswith("config error:")
+    """Print one line (no traceback) for errors the user fixes by changing a config, record or file."""
+    from vlm_sweep.errors import is_user_error
+
+    return is_user_error(err) or type(err).__name__ in USER_ERRORS
 
 
 def _first_line(err: BaseException) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+    """The error's message in one line (for an error re-raised from a DataLoader worker: the original one)."""
+    text = str(err)
+    if not text:
+        return type(err).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:
+        original = lines[-1]
+        prefix = f"{type(err).__name__}: "
+        return original.split(prefix, 1)[1] if prefix in original else original
+    return lines[0]
 
 
 def _log_to_files(message: str) -> None:

@@ -79,15 +79,15 @@ def inspect(cfg: Any, sample_size: Optional[int] = None, progress: bool = False)
                          progress=progress)
 
 
-# Beyond the run's user errors (vlm_sweep.cli.USER_ERRORS): no conf dir, and Hydra's composition errors.
-_MORE_USER_ERRORS = ("ConfDirError", "MissingConfigException", "ConfigCompositionException")
+# Beyond the run's user errors: no conf dir, and Hydra's composition errors.
+_MORE_USER_ERRORS = ("ConfDirError", "MissingConfigException", "ConfigCompositionException",
+                     "ModelLoadError", "TrackingError")
 
 
 def _is_user_error(err: BaseException) -> bool:
-    from vlm_sweep.cli import USER_ERRORS
+    from vlm_sweep.errors import is_user_error
 
-    name = type(err).__name__
-    return name in USER_ERRORS or name in _MORE_USER_ERRORS or str(err).startswith("config error:")
+    return is_user_error(err) or type(err).__name__ in _MORE_USER_ERRORS
 
 
 def _parse(argv: List[str]) -> argparse.Namespace:

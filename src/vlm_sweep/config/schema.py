@@ -211,6 +211,9 @@ class TrackingConfig:
     run_name: Optional[str] = None
     # Metrics are buffered and sent in one batch this often (in steps).
     flush_every_steps: int = 10
+    # Dense bf16 peak TFLOP/s of one device, for the logged `mfu`; null: looked up by GPU name
+    # (H100/H200 989, A100 312, ...); on a CPU no mfu is logged unless this is set.
+    peak_tflops: Optional[float] = None
     tags: Dict[str, str] = field(default_factory=dict)
 
 

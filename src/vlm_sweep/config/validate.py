@@ -6,6 +6,8 @@ Every failure is one line naming the offending key, e.g.
 
 from __future__ import annotations
 
+from vlm_sweep.errors import ConfigError  # noqa: F401 (defined there, re-exported here)
+
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, List, Optional
@@ -13,8 +15,6 @@ from typing import Any, Callable, Iterable, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 
-class ConfigError(ValueError):
-    """A config value is impossible; the message names the key."""
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -158,6 +158,8 @@ def validate_config(cfg: DictConfig) -> None:
     if uri_problem:
         raise ConfigError(uri_problem)
     _where(cfg, "tracking.flush_every_steps", *positive)
+    if cfg.tracking.peak_tflops is not None:
+        _where(cfg, "tracking.peak_tflops", *positive)
     _where(cfg, "seed", *non_negative)
     _choice(cfg, "objective_mode", ["min", "max"])
     objective = cfg.objective_metric

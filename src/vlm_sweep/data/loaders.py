@@ -63,15 +63,16 @@ def build_loaders(dataset_cfg: Any, step_cfg: Any, datasets: Dict[str, Any], col
     lengths = train.length_hints() if dataset_cfg.group_by_length else None
     sampler = ShardedIndexSampler(len(train), rank=rank, world_size=world_size, seed=seed,
                                   lengths=lengths, batch_size=step_cfg.micro_batch_size)
-    # A private generator: creating a loader iterator must not draw from the global RNG
-    # (a resumed run creates it after restoring RNG state, an uninterrupted one before).
-    generator = torch.Generator().manual_seed(seed + rank)
+    # Private generators: creating a loader iterator (a worker base seed) must not draw from the
+    # global RNG. A resumed run creates its iterators at other steps than an uninterrupted one
+    # (persistent validation workers: once per process), and LoRA dropout draws from that RNG.
     train_loader = StatefulDataLoader(train, batch_size=step_cfg.micro_batch_size, sampler=sampler,
-                                      collate_fn=collator, generator=generator, **options)
+                                      collate_fn=collator, generator=torch.Generator().manual_seed(seed + rank),
+                                      **options)
     val_loader = None
     if "validation" in datasets:
         val = datasets["validation"]
         shard = list(range(rank, len(val), world_size)) if shard_validation else list(range(len(val)))
-        val_loader = DataLoader(val, batch_size=step_cfg.micro_batch_size, sampler=shard,
-                                collate_fn=collator, **options)
+        val_loader = DataLoader(val, batch_size=step_cfg.micro_batch_size, sampler=shard, collate_fn=collator,
+                                generator=torch.Generator().manual_seed(seed + rank), **options)
     return train_loader, val_loader

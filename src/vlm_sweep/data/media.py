@@ -8,6 +8,8 @@ are; a seek happens only when it skips frames that would otherwise be decoded.
 
 from __future__ import annotations
 
+from vlm_sweep.errors import MediaError  # noqa: F401 (defined there, re-exported here)
+
 import bisect
 import math
 from pathlib import Path
@@ -17,8 +19,6 @@ from typing import Any, Dict, List, Optional, Sequence
 _SEEK_GAP_S = 2.0
 
 
-class MediaError(ValueError):
-    """An image or video is missing or cannot be decoded."""
 
 
 class _NoTimestamps(Exception):

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -27,6 +27,15 @@ def job_statuses(sweep_dir: Path) -> List[Dict[str, Any]]:
     return out
 
 
+def _tracking_uri(config: DictConfig) -> Optional[str]:
+    """The store to connect to (credentials and all); never stored or printed as is."""
+    if config.tracking.backend != "mlflow":
+        return None
+    from vlm_sweep.tracking import default_tracking_uri
+
+    return config.tracking.uri or default_tracking_uri(config.paths.output_root)
+
+
 class SweepCallback(Callback):
     """on_multirun_start: create (or reuse) the sweep's parent MLflow run.
     on_multirun_end: write the report, close the parent run, list failures, exit non-zero on any."""
@@ -40,15 +49,14 @@ class SweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if config.tracking.backend != "mlflow":
             return
-        from vlm_sweep.tracking import (RetryingClient, TrackingError, check_tracking, default_tracking_uri,
-                                        experiment_id, redact_uri)
+        from vlm_sweep.tracking import RetryingClient, TrackingError, check_tracking, experiment_id, redact_uri
 
         try:  # one line and exit 2 before any job starts, not the same failure in every job
             check_tracking(config.tracking, config.paths.output_root)
         except TrackingError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
-        uri = config.tracking.uri or default_tracking_uri(config.paths.output_root)
+        uri = _tracking_uri(config)
         client = RetryingClient(uri)
         parent_file = sweep_dir / PARENT_FILE
         if parent_file.exists():  # the same sweep run again: continue its parent run
@@ -71,12 +79,15 @@ class SweepCallback(Callback):
         try:
             from vlm_sweep.report import load_sweep, render_table, write_report
 
-            sweep = load_sweep(sweep_dir)
+            # The real URI (mlflow_parent.json holds the masked one) to attach the report to the parent run.
+            sweep = load_sweep(sweep_dir, tracking_uri=_tracking_uri(config))
             report = write_report(sweep, metric=self.metric, mode=self.mode)
             print(render_table(sweep, metric=self.metric, mode=self.mode))
             print(f"sweep report: {report}")
         except Exception as err:  # a report problem must not hide the jobs' own outcome
-            log.error("could not write the sweep report: %s", err)
+            from vlm_sweep.tracking import redact_uri
+
+            log.error("could not write the sweep report: %s", redact_uri(str(err)))
         parent_file = sweep_dir / PARENT_FILE
         if parent_file.exists():
             self._close_parent(config, json.loads(parent_file.read_text()), "FAILED" if failed else "FINISHED")
@@ -91,11 +102,12 @@ class SweepCallback(Callback):
     @staticmethod
     def _close_parent(config: DictConfig, parent: Dict[str, Any], status: str) -> None:
         """End the parent run; a store that does not answer costs a warning, not the sweep's outcome."""
-        from vlm_sweep.tracking import RetryingClient, default_tracking_uri, redact_uri
+        from vlm_sweep.tracking import RetryingClient, redact_uri
         from vlm_sweep.tracking.store import one_line
 
-        # Connect with the configured URI: the file holds the masked one.
-        uri = config.tracking.uri or default_tracking_uri(config.paths.output_root)
+        uri = _tracking_uri(config)  # the file holds the masked URI; connect with the configured one
+        if uri is None:
+            return
         try:
             RetryingClient(uri).set_terminated(parent["run_id"], status=status)
         except Exception as err:

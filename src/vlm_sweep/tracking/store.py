@@ -46,7 +46,10 @@ def default_tracking_uri(output_root: str) -> str:
 
 
 def artifact_location(uri: str) -> Optional[str]:
-    """Artifacts next to an SQLite store (MLflow would default to ./mlruns in the cwd); a server decides its own."""
+    """Artifacts next to an SQLite store (MLflow would default to ./mlruns in the cwd).
+
+    A server decides its own.
+    """
     path = sqlite_path(uri)
     return (path.parent / "mlartifacts").resolve().as_uri() if path is not None else None
 

@@ -237,9 +237,9 @@ class MlflowTracker(NullTracker):
             self.sender.put("status", status)
             left = self.sender.close(self.finish_timeout_s)
             if self.sender.pending():
-                log.warning("MLflow at %s did not take the end of run %s (%d metric points and its %s status "
-                            "not delivered); the points are in metrics.jsonl and reach MLflow when the run resumes",
-                            self.uri, self.run_id, left, status)
+                log.warning("MLflow at %s did not take the end of run %s (%d metric points and its %s "
+                            "status not delivered); the points are in metrics.jsonl and reach MLflow when the "
+                            "run resumes", self.uri, self.run_id, left, status)
         except Exception as err:  # never let tracking turn a run's ending into a crash
             log.warning("could not close MLflow run %s in %s: %s", self.run_id, self.uri, one_line(err))
 

@@ -16,6 +16,8 @@ file to what ``open`` would have made.
 
 from __future__ import annotations
 
+from vlm_sweep.errors import CheckpointError  # noqa: F401 (defined there, re-exported here)
+
 import json
 import os
 import zlib
@@ -28,8 +30,6 @@ TRAINER_STATE = Path("training_state") / "trainer_state.json"
 _CHUNK = 8 << 20
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the config."""
 
 
 def _umask_from_proc() -> Optional[int]:

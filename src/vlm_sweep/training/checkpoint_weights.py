@@ -5,7 +5,7 @@ written a second time to ``training_state/trainable.pt``. Instead
 ``training_state/weights_in_model.json`` maps each trained parameter to the file and key
 that hold its exact bytes::
 
-    {"model.language_model.layers.0.mlp.up_proj.weight": ["model.safetensors", "language_model.model.layers.0.mlp.up_proj.weight"]}
+    {"model.language_model.norm.weight": ["model.safetensors", "language_model.model.norm.weight"]}
 
 save_pretrained renames keys (and fuses some tensors) on the way to disk. The map is built
 from the very tensors it writes: a parameter is mapped only when a saved tensor occupies its

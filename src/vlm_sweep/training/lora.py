@@ -9,14 +9,14 @@ exactly what the patterns say.
 
 from __future__ import annotations
 
+from vlm_sweep.errors import LoraTargetError  # noqa: F401 (defined there, re-exported here)
+
 import fnmatch
 from typing import Any, List
 
 from vlm_sweep.models.registry import ModelFamily, component_of
 
 
-class LoraTargetError(ValueError):
-    """The target/exclude patterns leave nothing to adapt."""
 
 
 def _matches(name: str, patterns: List[str]) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from vlm_sweep.training.guards import DataHealth, StopSignal, StoppedWhileReading
+from vlm_sweep.training.flops import step_report
 from vlm_sweep.training.loss import count_label_tokens, summed_token_loss
 from vlm_sweep.training.distributed import full_tensor, is_fsdp, no_gradient_sync, unsharded
 
@@ -98,6 +99,10 @@ class Trainer:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.fsdp = is_fsdp(model)
         self.stopper: Optional[StopSignal] = None
+        from vlm_sweep.training.flops import FlopCounter, peak_tflops
+
+        self.flops = FlopCounter(model, cfg.model.family)
+        self.peak_tflops = peak_tflops(accelerator.device, override=cfg.tracking.peak_tflops)
         self.data_health = DataHealth(len(train_loader.dataset), cfg.dataset.min_usable_fraction,
                                       cfg.dataset.name)
 
@@ -175,6 +180,11 @@ class Trainer:
         }
         if window.skipped:
             metrics["skipped_records"] = window.skipped
+        # FLOPs of the window's training forwards/backwards on every rank, vision tower included.
+        tally = self.flops.tally().summed(lambda t: self.acc.reduce(t.to(self.acc.device), "sum").cpu())
+        metrics.update(step_report(tally.flops, now - window.started, self.acc.num_processes, self.peak_tflops))
+        metrics.update(image_tokens=tally.image_tokens, text_tokens=tally.text_tokens)
+        self.flops.reset()
         return metrics
 
     # -- validation ---------------------------------------------------------------------
@@ -248,6 +258,7 @@ class Trainer:
         self.stopper = stopper = StopSignal()
         progress = ProgressReporter(steps.max_steps, self.step, self.acc.is_main_process, steps.log_every_steps)
         window = LogWindow()
+        self.flops.reset()
         self.model.train()
         try:
             while self.step < steps.max_steps:
@@ -272,6 +283,7 @@ class Trainer:
             stopper.restore()
             self.stopper = None
             progress.close()
+            self.flops.close()
         return "FINISHED"
 
     def _after_step(self, stats: StepStats, window: LogWindow, stopper: StopSignal,
