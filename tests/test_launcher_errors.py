@@ -73,3 +73,37 @@ def test_slurm_sweep_refused_by_sbatch_quotes_its_error_in_one_line(tmp_path, ml
     assert line.startswith("error: SLURM did not take the sweep: sbatch: error: Batch job submission failed: "
                            "Unable to contact slurm controller (connect failure);")
     assert "hydra/launcher=local" in line
+
+
+@pytest.mark.slow
+def test_a_killed_local_job_is_recorded_failed_and_the_sweep_reports_it(tmp_path):
+    """hydra/launcher=local: a job killed mid-run (OOM killer, kill -9) is FAILED with its log, and the sweep ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "-m", "hydra/launcher=local",
+                             f"hydra.sweep.dir={sweep}", "tracking=none", "eval=none", "step_scheduler.max_steps=100000",
+                             "optimizer.lr=1e-3"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300  # a guard against a hang, not a timing assertion
+        while not (sweep / "0" / "metrics.jsonl").exists():  # the job is training
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.2)
+        job_pid = int(next(sweep.glob(".submitit/*/*_0_log.out")).parent.name)  # local job id = its pid
+        os.kill(job_pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # the sweep and its job: one process group
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1
+    status = json.loads((sweep / "0" / "job_status.json").read_text())
+    assert status["status"] == "FAILED" and status["error"].startswith(f"job {job_pid} died: no result")
+    assert status["log_path"].endswith("_0_log.err") and Path(status["log_path"]).exists()
+    assert "1 of 1 jobs did not finish" in err and f"job {job_pid} died" in err and "Traceback" not in err

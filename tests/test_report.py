@@ -14,6 +14,7 @@ import yaml
 
 from vlm_sweep.report import ReportError, load_sweep, render_table, table_rows, write_report
 from vlm_sweep.report.model import parse_overrides, split_override_dirname
+from vlm_sweep.sweep.job import JobStatus, throughput_from_rows, throughput_summary, write_status
 from vlm_sweep.tracking import artifact_location, flatten
 
 EXPERIMENT = "tiny_gemma3_synthetic_receipts"
@@ -34,7 +35,8 @@ def _metric_rows(job_num: int, steps: int, with_val: bool, evals: Dict[str, floa
     for step in range(1, steps + 1):
         row = {"step": step, "loss": 7.0 / (1 + 0.2 * step * (job_num + 1)) + 0.8, "lr": 1e-3,
                "grad_norm": 3.0, "label_tokens": 500, "tokens_per_s": 9000.0 + 100 * job_num,
-               "peak_memory_gb": 1.2}
+               "peak_memory_gb": 1.2, "tflops": 300.0 + 10 * job_num, "mfu": (300.0 + 10 * job_num) / 989,
+               "image_tokens": 2048, "text_tokens": 2452}  # 4500 tokens: 0.5 s a step at 9000 tokens/s
         if with_val and step % 10 == 0:
             row["val_loss"] = row["loss"] + 0.3
         rows.append(row)
@@ -58,12 +60,13 @@ def _make_job(sweep_dir: Path, job_num: int, overrides: List[str], status: str, 
     (job_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     log_path = job_dir / "launch.log"
     log_path.write_text("training...\n" + (ERROR + "\n" if status == "FAILED" else ""))
-    (job_dir / "job_status.json").write_text(json.dumps({
-        "status": status, "job_num": job_num, "override_dirname": ",".join(overrides),
-        "overrides": overrides, "error": ERROR if status == "FAILED" else None,
-        "log_path": str(log_path), "step": steps, "final_loss": rows[-1]["loss"],
-        "val_loss": val_loss, "metrics": evals, "tokens_per_s": rows[-1]["tokens_per_s"],
-        "mlflow_run_id": run_id, "slurm_job_id": None, "run_dir": str(job_dir)}))
+    # As cli.py writes it: throughput (two processes on GPUs) at the end of a run, none on a failure.
+    throughput = ({**throughput_from_rows(rows, 2), "device_type": "cuda"} if status == "FINISHED" else {})
+    write_status(job_dir, JobStatus(
+        status=status, job_num=job_num, override_dirname=",".join(overrides), overrides=overrides,
+        error=ERROR if status == "FAILED" else None, log_path=str(log_path), step=steps,
+        final_loss=rows[-1]["loss"], val_loss=val_loss, metrics=evals, mlflow_run_id=run_id,
+        run_dir=str(job_dir), **throughput))
     return rows
 
 
@@ -221,6 +224,69 @@ def test_single_job_sweep(tmp_path: Path):
     assert (tmp_path / "metric_vs_hparams.png").exists()
 
 
+def test_throughput_columns_come_from_job_status(sweep_dir: Path):
+    """tokens/s, TFLOP/s, MFU and GPU-hours per job, as the jobs' status files give them."""
+    table = _table(write_report(sweep_dir))
+    assert table[0][table[0].index("val_loss") + 3:table[0].index("overrides")] == [
+        "tokens/s", "TFLOP/s", "MFU", "GPU-hours"]
+    first = _row(table, 0)
+    # 30 logged steps of 4500 tokens at 9000 tokens/s on 2 processes: 30 x 0.5 s x 2 = 30 s.
+    assert (first["tokens/s"], first["TFLOP/s"], first["MFU"], first["GPU-hours"]) == (
+        "9,000", "300.0", "30.3%", f"{30 / 3600:.2g}")
+    failed = _row(table, 2)  # no throughput in a FAILED status: the means of its metrics log
+    assert (failed["tokens/s"], failed["TFLOP/s"], failed["GPU-hours"]) == ("9,200", "320.0", "n/a")
+
+    # The status file is the source of truth: its values win over the metrics log.
+    path = sweep_dir / "1" / "job_status.json"
+    status = json.loads(path.read_text())
+    status.update(tokens_per_s=12345.0, tflops=494.5, mfu=0.5, device_hours=3.25)
+    path.write_text(json.dumps(status))
+    report = write_report(sweep_dir, metric="mfu", mode="max")
+    row = _row(_table(report), 1)
+    assert (row["tokens/s"], row["TFLOP/s"], row["MFU"], row["GPU-hours"]) == (
+        "**12,345**", "**494.5**", "**50.0%**", "**3.25**")
+    assert _best(_table(report)) == ["1"]
+    assert "GPU-hours = training wall time x processes" in report.read_text()
+
+    status.update(device_type="cpu")  # one CPU job: the column is device-hours, not GPU-hours
+    path.write_text(json.dumps(status))
+    table = _table(write_report(sweep_dir))
+    assert "device-hours" in table[0] and "GPU-hours" not in table[0]
+    assert _row(table, 1)["device-hours"] == "**3.25**"  # job 1 is the best by val_loss: bold
+
+
+def test_throughput_summary_from_metrics_log(tmp_path: Path):
+    """What cli.py puts in job_status.json at the end of a run, and the report's row from it."""
+    import torch
+
+    job_dir = tmp_path / "0"
+    job_dir.mkdir()
+    rows = [{"step": 1, "loss": 2.0, "tokens_per_s": 1000.0, "image_tokens": 600, "text_tokens": 400,
+             "tflops": 2.0, "mfu": 0.25},
+            {"step": 2, "loss": 1.5, "tokens_per_s": 3000.0, "image_tokens": 1200, "text_tokens": 300,
+             "tflops": 4.0},  # a step without mfu (peak unknown) does not count towards its mean
+            {"step": 3, "loss": 1.4, "val_loss": 1.6}]
+    (job_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    summary = throughput_summary(job_dir, num_processes=4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert summary == pytest.approx({
+        "tokens_per_s": 2000.0, "tflops": 3.0, "mfu": 0.25,
+        "device_hours": (1.0 + 0.5) * 4 / 3600,  # (1000/1000 + 1500/3000) s x 4 processes
+        "device_type": device})
+    assert throughput_summary(job_dir, 1, wall_seconds=7200.0)["device_hours"] == 2.0
+    assert throughput_summary(tmp_path / "nothing", 1) == {
+        "tokens_per_s": None, "mfu": None, "tflops": None, "device_hours": None, "device_type": device}
+
+    write_status(job_dir, JobStatus(status="FINISHED", job_num=0, override_dirname="", overrides=[],
+                                    log_path="", run_dir=str(job_dir), **summary))
+    table = _table(write_report(tmp_path))
+    label = "GPU-hours" if device == "cuda" else "device-hours"
+    assert label in table[0]
+    row = _row(table, 0)
+    assert (row["tokens/s"], row["TFLOP/s"], row["MFU"], row[label]) == (
+        "**2,000**", "**3.0**", "**25.0%**", f"**{1.5 * 4 / 3600:.2g}**")
+
+
 def test_override_dirname_split_keeps_bracketed_values():
     assert split_override_dirname("a=[1,2],b=x,c='p,q'") == ["a=[1,2]", "b=x", "c='p,q'"]
     assert parse_overrides(["+x.y=1", "~z", "peft=lora"]) == {"x.y": "1", "z": "<deleted>", "peft": "lora"}
@@ -254,6 +320,22 @@ def test_mlflow_source_matches_sweep_dir(sweep_dir: Path, tracked_sweep: Dict[st
     assert report == Path(f"report_{tracked_sweep['parent']}") / "report.md"
     assert _best(_table(report)) == ["0"]
     assert (report.parent / "loss_curves.png").exists() and (report.parent / "metric_vs_hparams.png").exists()
+
+
+def test_mlflow_source_without_the_sweep_dir(sweep_dir: Path, tracked_sweep: Dict[str, str], tmp_path: Path):
+    """Status files out of reach (another machine): MLflow's run status and metric means stand in."""
+    from_dir = {job.job_num: job for job in load_sweep(sweep_dir).jobs}
+    sweep_dir.rename(tmp_path / "elsewhere")
+    sweep = load_sweep(EXPERIMENT, tracking_uri=tracked_sweep["uri"])
+    assert [job.status for job in sweep.jobs] == ["FINISHED", "FINISHED", "FAILED"]
+    for job in sweep.jobs:
+        assert job.tokens_per_s == from_dir[job.job_num].tokens_per_s
+        assert job.mfu == pytest.approx(from_dir[job.job_num].mfu)
+        assert job.device_hours is None and job.error is None and job.log_path is None
+    assert parse_overrides(JOBS[2][0]) == sweep.jobs[2].overrides, "from the run name"
+    table = table_rows(sweep)
+    assert "device-hours" in table[0], "no status file says the jobs ran on GPUs"
+    assert table[3][table[0].index("error")] == "no log"
 
 
 def test_unknown_experiment_is_a_clear_error(tracked_sweep: Dict[str, str]):

@@ -64,7 +64,7 @@ def test_handled_error_marks_the_run_failed_in_status_and_mlflow(tmp_path, mlflo
 
     data = write_custom(tmp_path / "data", num_rows=12, with_video=False)
     run_dir = tmp_path / "run"
-    images = sorted((data).rglob("*.png"))
+    images = sorted(data.parent.rglob("*.png"))
     images[-1].unlink()  # one image disappears: the run fails when it reaches that record
     proc = run_launch([f"hydra.run.dir={run_dir}", f"tracking.uri={mlflow_uri}", "dataset=custom",
                        f"dataset.path={data}", "dataset.carve_val_fraction=null", "dataset.val_split=null",

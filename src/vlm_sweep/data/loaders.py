@@ -6,9 +6,10 @@ Records are decoded, resized, templated and tokenised in worker processes (``dat
 The training loader is a ``StatefulDataLoader`` over a deterministic sampler: its position is
 checkpointed and restored exactly, with or without workers.
 
-Workers ignore SIGINT/SIGTERM/SIGUSR2: stopping is the main process's decision (it checkpoints
-at a step boundary and then shuts the workers down); a worker killed by Ctrl-C would otherwise
-end the run with "DataLoader worker exited unexpectedly".
+Workers ignore SIGINT (Ctrl-C reaches the whole process group) and SIGUSR2 (preemption notice):
+stopping is the main process's decision (it checkpoints at a step boundary, then shuts the
+workers down); a worker killed by Ctrl-C would otherwise end the run with "DataLoader worker
+exited unexpectedly". SIGTERM keeps its default: it is how the workers are shut down.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def resolve_num_workers(setting: Optional[int], processes_on_node: int = 1) -> i
 
 
 def quiet_worker(worker_id: int) -> None:
-    """Worker init: leave stop signals to the main process."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+    """Worker init: leave stop requests to the main process (SIGTERM still ends a worker)."""
+    for sig in (signal.SIGINT, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -17,10 +17,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("source", nargs="?",
                         help="sweep dir (outputs/<exp>/multirun/<date>/<time>) or MLflow experiment name/id")
     parser.add_argument("--metric", default="val_loss",
-                        help="ranks finished jobs: val_loss, loss, tokens_per_s or an eval metric "
-                             "(eval/ted_accuracy); default val_loss")
+                        help="ranks finished jobs: val_loss, loss, tokens_per_s, mfu, tflops, device_hours "
+                             "or an eval metric (eval/ted_accuracy); default val_loss")
     parser.add_argument("--mode", choices=("min", "max"), default="min",
-                        help="min if lower is better (default), max for accuracies")
+                        help="min if lower is better (default), max for accuracies and throughput")
     parser.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else "
                                                "sqlite:///outputs/mlflow.db)")
     parser.add_argument("--parent-run-id", help="report this MLflow parent run instead of the latest")

@@ -16,7 +16,8 @@ Curve = List[Tuple[int, float]]
 
 # Metrics that have their own table column; everything else named eval/... gets one each.
 BASE_METRICS = {"loss": "final_loss", "final_loss": "final_loss", "val_loss": "val_loss",
-                "tokens_per_s": "tokens_per_s", "step": "step", "steps": "step"}
+                "tokens_per_s": "tokens_per_s", "mfu": "mfu", "tflops": "tflops",
+                "device_hours": "device_hours", "step": "step", "steps": "step"}
 
 
 @dataclass
@@ -31,7 +32,12 @@ class Job:
     final_loss: Optional[float] = None
     val_loss: Optional[float] = None
     metrics: Dict[str, float] = field(default_factory=dict)  # eval/... -> last value
-    tokens_per_s: Optional[float] = None  # mean over logged steps
+    # Throughput (job_status.json; means over the logged steps of metrics.jsonl).
+    tokens_per_s: Optional[float] = None  # all processes together
+    mfu: Optional[float] = None  # fraction of the device peak, vision tower included
+    tflops: Optional[float] = None  # achieved TFLOP/s per device
+    device_hours: Optional[float] = None  # wall time x processes
+    device_type: Optional[str] = None  # "cuda": the device-hours are GPU-hours
     error: Optional[str] = None
     log_path: Optional[str] = None
     loss_curve: Curve = field(default_factory=list)
@@ -98,6 +104,11 @@ class Sweep:
     def eval_metrics(self) -> List[str]:
         """Every eval metric any job reports, sorted for a stable column order."""
         return sorted({k for job in self.jobs for k in job.metrics})
+
+    def hours_label(self) -> str:
+        """"GPU-hours" when every job that reports device-hours ran on GPUs, else "device-hours"."""
+        types = {job.device_type for job in self.jobs if job.device_hours is not None}
+        return "GPU-hours" if types == {"cuda"} else "device-hours"
 
     def status_counts(self) -> Dict[str, int]:
         return dict(Counter(job.status for job in self.jobs))

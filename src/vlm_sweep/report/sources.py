@@ -1,7 +1,10 @@
 """Reading a sweep into a ``Sweep``: from its Hydra multirun dir or from MLflow.
 
 The sweep dir is the primary source (it exists even with tracking off); MLflow is for
-sweeps whose files are elsewhere (another machine, a cluster's scratch space).
+sweeps whose files are elsewhere (another machine, a cluster's scratch space). Either
+way each job's ``job_status.json`` (status, error, log path, overrides, throughput) is
+the source of truth wherever it can be read; MLflow gives the curves and metrics, and
+its run status stands in only when the job's status file is out of reach.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
+from vlm_sweep.sweep.job import STATUS_FILE, throughput_from_rows
 from vlm_sweep.sweep.job import job_dirs as list_job_dirs
 from vlm_sweep.report.model import (Curve, Job, Sweep, mean, parse_overrides,
                                     split_override_dirname)
@@ -99,9 +103,21 @@ def _float(value: Any) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+THROUGHPUT = ("tokens_per_s", "mfu", "tflops", "device_hours")
+
+
+def _throughput(status: Dict[str, Any], measured: Dict[str, Optional[float]]) -> Dict[str, Any]:
+    """Each throughput value from the status file, else as measured from the job's metrics."""
+    out: Dict[str, Any] = {k: _float(status.get(k)) for k in THROUGHPUT}
+    out.update({k: measured.get(k) for k in THROUGHPUT if out[k] is None})
+    device = status.get("device_type")
+    out["device_type"] = device if isinstance(device, str) else None
+    return out
+
+
 def load_job_dir(job_dir: Path) -> Job:
     """One job from its dir: job_status.json first, metrics.jsonl and .hydra/ for the rest."""
-    status = _read_json(job_dir / "job_status.json")
+    status = _read_json(job_dir / STATUS_FILE)
     has_status = status is not None
     status = status or {}
     rows = _read_metrics(job_dir / "metrics.jsonl")
@@ -112,7 +128,8 @@ def load_job_dir(job_dir: Path) -> Job:
                   if k.startswith("eval/") and _float(v) is not None})
     loss_curve, val_curve = _curve(rows, "loss"), _curve(rows, "val_loss")
     tracking = _read_json(job_dir / "tracking.json") or {}
-    speed = mean([r["tokens_per_s"] for r in rows if _float(r.get("tokens_per_s")) is not None])
+    # Without a status file the number of processes is unknown: no device-hours are guessed.
+    measured = throughput_from_rows(rows, num_processes=None)
     job = Job(
         job_num=status["job_num"] if isinstance(status.get("job_num"), int) else int(job_dir.name.split("_")[0]),
         override_dirname=_override_dirname(job_dir, status, overrides),
@@ -123,11 +140,11 @@ def load_job_dir(job_dir: Path) -> Job:
         final_loss=_float(status.get("final_loss")),
         val_loss=_float(status.get("val_loss")),
         metrics=evals,
-        tokens_per_s=speed if speed is not None else _float(status.get("tokens_per_s")),
         error=status.get("error") if has_status else MISSING_STATUS,
         log_path=status.get("log_path") or _find_log(job_dir),
         loss_curve=loss_curve, val_curve=val_curve,
         mlflow_run_id=status.get("mlflow_run_id") or tracking.get("run_id"),
+        **_throughput(status, measured),
     )
     if job.final_loss is None and loss_curve:
         job.final_loss = loss_curve[-1][1]
@@ -216,29 +233,37 @@ def _history(client: Any, run_id: str, key: str) -> Curve:
     return sorted({int(m.step): float(m.value) for m in points}.items())
 
 
+def _status_of_run(tags: Dict[str, str], job_num: int, run_id: str) -> Dict[str, Any]:
+    """The job's job_status.json, found through the sweep dir the job tagged its run with; {} if out of reach."""
+    sweep_dir = tags.get("vlm_sweep.sweep_dir")
+    if not sweep_dir:
+        return {}
+    statuses = [_read_json(d / STATUS_FILE) for d in list_job_dirs(Path(sweep_dir))
+                if d.name.split("_")[0] == str(job_num)]
+    statuses = [s for s in statuses if s]
+    # Several dirs with this number (``<num>_<suffix>``): the one that names this run.
+    return next((s for s in statuses if s.get("mlflow_run_id") == run_id), statuses[0] if statuses else {})
+
+
 def _job_from_run(client: Any, run: Any, index: int) -> Job:
-    """One child run as a Job; error/log path from tags, else from the job's status file."""
-    tags, data = run.data.tags, run.data.metrics
+    """One child run as a Job: curves and metrics from MLflow; status, error, log path, overrides and
+    throughput from the job's status file when it can be read (run status and metric means if not)."""
+    tags, data, run_id = run.data.tags, run.data.metrics, run.info.run_id
     job_num = int(tags["vlm_sweep.job_num"]) if str(tags.get("vlm_sweep.job_num", "")).isdigit() else index
     name = run.info.run_name or tags.get("mlflow.runName") or ""
-    try:
-        lines = json.loads(tags["vlm_sweep.overrides"])
-    except (KeyError, ValueError):
+    status = _status_of_run(tags, job_num, run_id)
+    lines = status.get("overrides")
+    if not isinstance(lines, list):
         lines = split_override_dirname(name)
-    loss, val = _history(client, run.info.run_id, "loss"), _history(client, run.info.run_id, "val_loss")
-    job = Job(job_num=job_num, override_dirname=name, overrides=parse_overrides(lines),
-              status=tags.get("vlm_sweep.status") or run.info.status,
-              step=loss[-1][0] if loss else None, final_loss=loss[-1][1] if loss else None,
-              val_loss=val[-1][1] if val else None,
-              metrics={k: float(v) for k, v in data.items() if k.startswith("eval/")},
-              tokens_per_s=mean([v for _, v in _history(client, run.info.run_id, "tokens_per_s")]),
-              error=tags.get("vlm_sweep.error"), log_path=tags.get("vlm_sweep.log_path"),
-              loss_curve=loss, val_curve=val, mlflow_run_id=run.info.run_id)
-    if tags.get("vlm_sweep.sweep_dir") and (job.error is None or job.log_path is None):
-        status = _read_json(Path(tags["vlm_sweep.sweep_dir"]) / str(job_num) / "job_status.json") or {}
-        job.error = job.error or status.get("error")
-        job.log_path = job.log_path or status.get("log_path")
-    return job
+    loss, val = _history(client, run_id, "loss"), _history(client, run_id, "val_loss")
+    measured = {k: mean([v for _, v in _history(client, run_id, k)]) for k in ("tokens_per_s", "mfu", "tflops")}
+    return Job(job_num=job_num, override_dirname=name, overrides=parse_overrides(lines),
+               status=str(status.get("status") or run.info.status),
+               step=loss[-1][0] if loss else None, final_loss=loss[-1][1] if loss else None,
+               val_loss=val[-1][1] if val else None,
+               metrics={k: float(v) for k, v in data.items() if k.startswith("eval/")},
+               error=status.get("error"), log_path=status.get("log_path"),
+               loss_curve=loss, val_curve=val, mlflow_run_id=run_id, **_throughput(status, measured))
 
 
 def load_mlflow(experiment: Optional[str], tracking_uri: Optional[str] = None,

@@ -113,12 +113,24 @@ class WaitForAll:
         previous = read_status(job_dir) or {}
         if previous.get("status") == "FINISHED":
             return
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        from submitit.core.utils import UncompletedJobError
+
+        if isinstance(err, UncompletedJobError):  # submitit's message is a result-file path
+            why = f"no result (killed, out of memory or node failure?); state {_state(job)}"
+        else:
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         write_status(job_dir, VlmJobStatus(
             status="FAILED", job_num=idx, override_dirname=previous.get("override_dirname", ",".join(overrides)),
             overrides=overrides, log_path=str(job.paths.stderr), run_dir=str(job_dir),
-            error=f"job {job.job_id} died: {first_line}", slurm_job_id=str(job.job_id),
+            error=f"job {job.job_id} died: {why}", slurm_job_id=str(job.job_id),
             mlflow_run_id=previous.get("mlflow_run_id")))
+
+
+def _state(job: Any) -> str:
+    try:
+        return str(job.state)
+    except Exception:  # the scheduler cannot say
+        return "unknown"
 
 
 class SlurmSubmission:

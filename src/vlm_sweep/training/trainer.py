@@ -117,7 +117,12 @@ class Trainer:
             self._batches = iter(self.train_loader)
         skipped = 0
         while True:
-            batch = next(self._batches)
+            try:
+                batch = next(self._batches)
+            except RuntimeError as err:  # a DataLoader worker ended by the same signal (e.g. SIGTERM to the group)
+                if self.stopper is not None and self.stopper.received:
+                    raise StoppedWhileReading(f"stopped by signal {self.stopper.received}: {err}") from err
+                raise
             skipped += batch["num_skipped"]
             self.data_health.update(len(batch["record_ids"]), batch["num_skipped"])
             if "input_ids" in batch:

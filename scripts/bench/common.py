@@ -1,0 +1,232 @@
+"""What every benchmark process shares: the composed config, the model sizes, the parts of a run.
+
+Each measured variant runs in its own process (scripts/bench/throughput.py, memory.py), so
+one variant's threads, allocator and Accelerate state never touch another's; they all build
+the same model, LoRA, optimizer and batches from the same config and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[2]
+# Tiny models and data are built once into the repo-local cache the tests use.
+os.environ.setdefault("VLM_SWEEP_CACHE", str(ROOT / ".cache" / "vlm_sweep"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compute thread per process, as `make demo` runs on this 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+CACHE = Path(os.environ["VLM_SWEEP_CACHE"])
+
+# The run exactly as launch.py composes it, minus what is not the training loop: no tracking
+# store, no checkpoint or validation due, no generation eval, no pre-flight pass.
+LOOP_OVERRIDES = [
+    "tracking=none",
+    "checkpoint.enabled=false",
+    "eval=none",
+    "dataset.preflight_samples=0",
+    "step_scheduler.val_every_steps=1000000",
+    "step_scheduler.ckpt_every_steps=1000000",
+]
+
+# ~30M-parameter Gemma 3 language model (the tiny one's vision tower, tokenizer and processor).
+GEMMA3_30M_TEXT = {
+    "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "query_pre_attn_scalar": 64,
+    "sliding_window": 512,
+    "layer_types": ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 2,
+}
+BUILD_MARKER = "bench_build.json"
+BUILD_VERSION = 1
+
+
+def compose(overrides: Sequence[str] = ()) -> Any:
+    """The run config as launch.py composes it (without the hydra node)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vlm_sweep.config.schema import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def build_gemma3_30m(output_dir: Path) -> Path:
+    """A ~30M Gemma 3 built like tiny_gemma3 (same recipe, wider/deeper text config), once.
+
+    tiny.build_gemma3 has fixed sizes, so the config is widened here from the tiny build's own
+    Gemma3Config and saved with its processor; the run then loads it through the normal path.
+    """
+    marker = output_dir / BUILD_MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("version") == BUILD_VERSION:
+        return output_dir
+    from transformers import AutoConfig, AutoProcessor, Gemma3Config, Gemma3ForConditionalGeneration, GenerationConfig
+
+    from vlm_sweep.models import tiny
+
+    source = tiny.build_tiny_model("gemma3", CACHE / "models" / "tiny_gemma3")
+    data = AutoConfig.from_pretrained(source).to_dict()
+    data["text_config"] = {**data["text_config"], **GEMMA3_30M_TEXT}
+    config = Gemma3Config.from_dict(data)
+
+    def trained_projector(model: Any) -> None:  # as tiny.build_gemma3 does
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=config.initializer_range)
+        tiny._pretrained_like_embeddings(model)
+
+    model = tiny._init_model(Gemma3ForConditionalGeneration, config, trained_projector)
+    model.generation_config = GenerationConfig.from_pretrained(source)
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        AutoProcessor.from_pretrained(source).save_pretrained(tmp)
+        (tmp / BUILD_MARKER).write_text(json.dumps({"version": BUILD_VERSION, "text": GEMMA3_30M_TEXT}))
+        shutil.rmtree(output_dir, ignore_errors=True)
+        os.rename(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def size_overrides(size: str) -> List[str]:
+    """Config overrides that select a benchmark model size ('tiny' or '30m')."""
+    if size == "tiny":
+        return ["model=tiny_gemma3"]
+    if size == "30m":
+        path = build_gemma3_30m(CACHE / "models" / "bench_gemma3_30m")
+        return ["model=tiny_gemma3", "model.name=bench_gemma3_30m", f"model.pretrained_model_name_or_path={path}",
+                "model.tiny_recipe=null"]
+    raise ValueError(f"unknown size {size!r} (tiny, 30m)")
+
+
+def loop_config(size: str, max_steps: int, extra: Sequence[str] = ()) -> Any:
+    return compose([*size_overrides(size), *LOOP_OVERRIDES, f"step_scheduler.max_steps={max_steps}", *extra])
+
+
+@dataclass
+class Parts:
+    """A run's parts built without an Accelerator (for the bare loop and the HF/TRL trainers)."""
+
+    model: Any
+    processor: Any
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    accum: int
+
+
+def build_parts(cfg: Any) -> Parts:
+    """vlm_sweep.train._build's steps in its order (same seed, same RNG draws), minus Accelerate."""
+    from accelerate.utils import set_seed
+
+    from vlm_sweep.data.collate import VLMCollator
+    from vlm_sweep.data.datasets import build_datasets
+    from vlm_sweep.data.loaders import build_loaders
+    from vlm_sweep.models.load import load_model_and_processor
+    from vlm_sweep.models.registry import get_family
+    from vlm_sweep.train import enable_activation_checkpointing
+    from vlm_sweep.training.freeze import apply_freeze
+    from vlm_sweep.training.lora import apply_lora
+    from vlm_sweep.training.optim import build_optimizer, build_scheduler
+
+    set_seed(cfg.seed)
+    family = get_family(cfg.model.family)
+    model, processor = load_model_and_processor(cfg.model)
+    if cfg.parallel.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if cfg.peft.method == "lora":
+        model = apply_lora(model, family, cfg.peft, cfg.freeze)
+    apply_freeze(model, family, cfg.freeze)
+    datasets = build_datasets(cfg.dataset)
+    collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record,
+                           min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels)
+    train_loader, _ = build_loaders(cfg.dataset, cfg.step_scheduler, datasets, collator, seed=cfg.seed,
+                                    rank=0, world_size=1, shard_validation=True, pin_memory=False)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.step_scheduler.max_steps, cfg.optimizer.lr)
+    steps = cfg.step_scheduler
+    return Parts(model, processor, optimizer, scheduler, train_loader,
+                 accum=steps.global_batch_size // steps.micro_batch_size)
+
+
+def precollate(loader: Any, count: int) -> List[Dict[str, Any]]:
+    """The first ``count`` usable micro-batches in the order the Trainer reads them (kept in memory)."""
+    batches: List[Dict[str, Any]] = []
+    for batch in loader:
+        if "input_ids" in batch:  # Trainer.next_batch passes over all-skipped batches too
+            batches.append(batch)
+        if len(batches) == count:
+            return batches
+    raise RuntimeError("the training loader ended early")
+
+
+def step_tokens(micro: Sequence[Dict[str, Any]]) -> int:
+    """Real (non-padding) tokens of one optimizer step, as the Trainer counts them."""
+    return sum(int(b["attention_mask"].sum()) for b in micro)
+
+
+# ------------------------------------------------------------------ worker <-> parent protocol
+PREFIX = "@@bench "
+
+
+class Channel:
+    """JSON lines to the parent on a private copy of stdout; everything else printed goes to stderr."""
+
+    def __init__(self) -> None:
+        self._out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+
+    def send(self, **message: Any) -> None:
+        self._out.write(PREFIX + json.dumps(message) + "\n")
+        self._out.flush()
+
+    def wait(self) -> str:
+        """The parent's next command ('run' or 'quit'; a closed pipe means quit)."""
+        return sys.stdin.readline().strip() or "quit"
+
+
+class Pacer:
+    """Cuts a training loop into warm-up + interleaved timed rounds, driven by the parent.
+
+    The loop calls ``step_done`` after every optimizer step; at a round boundary the pacer reports
+    the round's wall time and tokens, then blocks until the parent says run the next round
+    (the loop is built for exactly warmup + steps x rounds steps, so it ends on its own).
+    """
+
+    def __init__(self, channel: Channel, warmup: int, steps: int, rounds: int) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.channel, self.warmup, self.steps, self.rounds = channel, warmup, steps, rounds
+        self.done, self.tokens, self.started = 0, 0, 0.0
+        self.first_loss: Optional[float] = None
+
+    def step_done(self, tokens: int, loss: Any = None) -> None:
+        self.done += 1
+        if self.done == 1 and loss is not None:
+            self.first_loss = float(loss())
+        if self.done <= self.warmup:
+            if self.done == self.warmup:
+                self.channel.send(event="ready", first_loss=self.first_loss)
+                self._resume()
+            return
+        self.tokens += tokens
+        if (self.done - self.warmup) % self.steps == 0:
+            self.channel.send(event="round", seconds=self._clock() - self.started, tokens=self.tokens,
+                              steps=self.steps)
+            self.tokens = 0
+            if self.done < self.warmup + self.steps * self.rounds:
+                self._resume()  # after the last round the loop ends by itself
+
+    def _resume(self) -> None:
+        if self.channel.wait() != "run":
+            raise SystemExit(0)
+        self.started = self._clock()
