@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 log = logging.getLogger("vlm_sweep")
 
 # Errors not (yet) derived from UserError whose message is the whole story.
-USER_ERRORS = ("ModelLoadError", "TrackingError")
+USER_ERRORS = ("ModelLoadError",)
 
 
 def format_summary(result, resume_hint: Optional[str] = None) -> str:

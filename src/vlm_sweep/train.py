@@ -138,10 +138,10 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     accelerator = _make_accelerator(cfg.parallel)
     set_seed(cfg.seed)
     family = get_family(cfg.model.family)
-    if accelerator.is_main_process and cfg.tracking.backend == "mlflow":
-        from vlm_sweep.tracking import check_tracking_store, default_tracking_uri
+    if accelerator.is_main_process:  # a dead or wrong tracking store: one line, before the model loads
+        from vlm_sweep.tracking import check_tracking
 
-        check_tracking_store(cfg.tracking.uri or default_tracking_uri(cfg.paths.output_root))
+        check_tracking(cfg.tracking, cfg.paths.output_root)
 
     model, processor = load_model_and_processor(cfg.model)
     if cfg.parallel.activation_checkpointing:
@@ -282,7 +282,6 @@ def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = Non
     trainer.tracker = tracker = _open_tracker(
         cfg, run_dir, parts, trainer.step if resume_from is not None else None, config_data, run_info)
     try:
-        trainer.tracker_logged_through = tracker.last_logged_step()
         status = trainer.fit()
     except KeyboardInterrupt:
         status = "KILLED"

@@ -211,6 +211,8 @@ class TrackingConfig:
     run_name: Optional[str] = None
     # Metrics are buffered and sent in one batch this often (in steps).
     flush_every_steps: int = 10
+    # While the store does not answer, training goes on; delivery is retried this often (seconds).
+    retry_every_s: float = 30.0
     # Dense bf16 peak TFLOP/s of one device, for the logged `mfu`; null: looked up by GPU name
     # (H100/H200 989, A100 312, ...); on a CPU no mfu is logged unless this is set.
     peak_tflops: Optional[float] = None

@@ -158,6 +158,7 @@ def validate_config(cfg: DictConfig) -> None:
     if uri_problem:
         raise ConfigError(uri_problem)
     _where(cfg, "tracking.flush_every_steps", *positive)
+    _where(cfg, "tracking.retry_every_s", *positive)
     if cfg.tracking.peak_tflops is not None:
         _where(cfg, "tracking.peak_tflops", *positive)
     _where(cfg, "seed", *non_negative)

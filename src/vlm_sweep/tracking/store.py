@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 from urllib.parse import urlsplit
 
+from vlm_sweep.errors import UserError
 from vlm_sweep.tracking.redaction import redact_uri
 
 log = logging.getLogger("vlm_sweep.tracking")
@@ -33,7 +34,7 @@ SEARCH_ENDPOINT = "/api/2.0/mlflow/experiments/search"
 _JITTER = random.Random()  # not the global RNG: retries must not change a seeded training run
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The tracking store cannot be used; the message is one line naming the URI and the fix."""
 
 

@@ -88,8 +88,6 @@ class Trainer:
         self.processor = processor
         self.eval_samples = eval_samples or []
         self.media_kwargs = media_kwargs
-        # Steps already in the tracker (a resumed run does not log them twice).
-        self.tracker_logged_through = 0
         self.stop_signal: Optional[int] = None
         steps = cfg.step_scheduler
         self.accum = steps.global_batch_size // (steps.micro_batch_size * accelerator.num_processes)
@@ -237,8 +235,7 @@ class Trainer:
     def _log(self, metrics: Dict[str, float], step: int) -> None:
         if not self.acc.is_main_process:
             return
-        if step > self.tracker_logged_through:
-            self.tracker.log_metrics(metrics, step)
+        self.tracker.log_metrics(metrics, step)  # a point the tracker already has is dropped there
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
