@@ -1,86 +1,183 @@
-"""Hot-path benchmarks: start-up, collate, training step. Speed targets live here, not in tests.
+"""``make bench``: vlm_sweep's training loop side by side with the alternatives, and the memory it saves.
 
-    make bench                     # or: .venv/bin/python scripts/benchmark.py [model=tiny_qwen2_5_vl ...]
+    make bench                              # or: .venv/bin/python scripts/benchmark.py
+    .venv/bin/python scripts/benchmark.py --quick            # 2 rounds of 2 steps, small memory sizes
+    .venv/bin/python scripts/benchmark.py --profile          # + cProfile of the real loop's timed steps
 
-Prints one row per measurement with its target; exits 1 if a target is missed. Targets are set
-for the tiny models on a 2-core CPU; on a GPU with hub models only the start-up target applies.
+Throughput, in interleaved rounds (A B C D, A B C D, ...; medians and per-round ratios, never
+absolute times, since a 2-core machine shared with other work is noisy), for the tiny default
+Gemma 3 and a ~30M one built locally the same way:
+  (a) vlm_sweep's own loop: train._build + Trainer.fit over its DataLoader (tracking none,
+      no checkpoint/validation due, no eval);
+  (b) a bare PyTorch loop over the same batches, collated up front: the floor;
+  (c) transformers.Trainer and (d) trl.SFTTrainer with the same model, LoRA, optimizer, schedule
+      and batches.
+Memory, one fresh process per variant: one training step at Gemma 3 4B widths (seq 2048, 256
+labelled positions) with the old full-logits loss vs summed_token_loss; the ~30M model at seq 1024
+with and without activation checkpointing (same losses).
+
+Prints the tables and one line per check; exits 1 if a check is missed (--quick: never).
 """
 
 from __future__ import annotations
 
-import os
-import statistics
+import argparse
+import importlib.util
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Dict, List, Optional, Tuple
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench.common import PREFIX, ROOT  # noqa: E402  (sets the thread/cache environment first)
+from bench.report import Check, memory_table, paired_ratio, throughput_header, throughput_table  # noqa: E402
+from bench.rounds import Outcome, Spec, WorkerError, interleave  # noqa: E402
+
+MEMORY_WORKER = Path(__file__).resolve().parent / "bench" / "memory.py"
+LOOPS = [("(a) vlm_sweep Trainer (launch.py loop)", "real"), ("(b) bare PyTorch loop, pre-collated", "bare"),
+         ("(c) transformers.Trainer", "hf"), ("(d) trl.SFTTrainer", "trl")]
+# (hidden, intermediate, vocab, layers, seq, labelled): Gemma 3 4B's widths; --quick: a small stand-in.
+LOSS_SHAPE = {"full": (2560, 10240, 262144, 1, 2048, 256), "quick": (256, 1024, 32768, 1, 512, 64)}
+CKPT_SHAPE = {"full": ("30m", 1024, 3), "quick": ("tiny", 256, 2)}
 
 
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    """Median seconds of ``repeat`` calls after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 rounds of 2 steps")
+    parser.add_argument("--sizes", default=None, help="comma list of tiny,30m (default: both; --quick: tiny)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per size (default 7)")
+    parser.add_argument("--skip-memory", action="store_true", help="throughput only")
+    parser.add_argument("--profile", action="store_true", help="cProfile the real loop's timed steps")
+    parser.add_argument("--log-dir", type=Path, default=None, help="worker logs (default outputs/bench/<time>)")
+    args = parser.parse_args(argv)
+    args.sizes = (args.sizes or ("tiny" if args.quick else "tiny,30m")).split(",")
+    args.rounds = args.rounds or (2 if args.quick else 7)
+    args.log_dir = args.log_dir or ROOT / "outputs" / "bench" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    return args
 
 
-def main(overrides: List[str]) -> int:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    rows = []
+def schedule(size: str, quick: bool) -> Tuple[int, int]:
+    """(warm-up steps, steps per round): a round of each variant takes ~1-4 s on 2 cores."""
+    if quick:
+        return 1, 2
+    return (3, 8) if size == "tiny" else (2, 4)
 
-    def cfg_job() -> None:
-        subprocess.run([sys.executable, str(ROOT / "launch.py"), "--cfg", "job", *overrides],
-                       check=True, capture_output=True)
 
-    rows.append(("launch.py --cfg job (s)", timed(cfg_job, 3), 2.0))
+def run_throughput(args: argparse.Namespace) -> Tuple[List[str], List[Check]]:
+    lines, checks = [], []
+    trl_missing = importlib.util.find_spec("trl") is None
+    for size in args.sizes:
+        warmup, steps = schedule(size, args.quick)
+        specs = [Spec(label, variant) for label, variant in LOOPS if not (variant == "trl" and trl_missing)]
+        outcomes = interleave(specs, size, warmup=warmup, steps=steps, rounds=args.rounds,
+                              log_dir=args.log_dir, profile=args.profile)
+        if trl_missing:
+            outcomes.append(Outcome(Spec(LOOPS[3][0], "trl"), error="trl is not installed: pip install -e '.[bench]'"))
+        if not lines:
+            lines += throughput_header(args.rounds, steps)
+        lines += throughput_table(size, outcomes, steps)
+        checks += throughput_checks(size, {o.spec.variant: o for o in outcomes})
+    return lines, checks
 
-    import torch
 
-    from conftest import compose
-    from vlm_sweep.data.collate import VLMCollator
-    from vlm_sweep.data.datasets import build_datasets
-    from vlm_sweep.models.load import load_model_and_processor
-    from vlm_sweep.training.trainer import summed_token_loss
+def throughput_checks(size: str, by: Dict[str, Outcome]) -> List[Check]:
+    real, checks = by["real"], []
+    if size == "tiny":
+        checks.append(Check(f"(a) real loop / (b) bare loop, {size}", paired_ratio(real, by["bare"]), 0.97))
+    hf = by["hf"]
+    checks.append(Check(f"(a) real loop / (c) transformers.Trainer, {size}",
+                        None if hf.error else paired_ratio(real, hf), 1.0))
+    trl = by.get("trl")
+    if trl is not None and not trl.error:  # the target applies where TRL trains this VLM
+        checks.append(Check(f"(a) real loop / (d) trl.SFTTrainer, {size}", paired_ratio(real, trl), 1.2))
+    return checks
 
-    cfg = compose(overrides)
-    model, processor = load_model_and_processor(cfg.model)
-    train = build_datasets(cfg.dataset)["train"]
-    samples = [train[i] for i in range(8)]
-    collator = VLMCollator(processor, cfg.dataset.max_length)
-    batch_size = cfg.step_scheduler.micro_batch_size
-    rows.append((f"collate, batch {batch_size} (ms)",
-                 1000 * timed(lambda: collator(samples[:batch_size]), 20), 50.0))
 
-    batch = collator(samples[:batch_size])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def measure_memory(args: List[str], log: Path) -> Dict[str, object]:
+    """One measurement in a fresh process; its stderr goes to ``log``."""
+    with open(log, "w") as err:
+        proc = subprocess.run([sys.executable, str(MEMORY_WORKER), *args], stdout=subprocess.PIPE,
+                              stderr=err, text=True, timeout=1200)
+    for line in proc.stdout.splitlines():
+        if line.startswith(PREFIX):
+            return json.loads(line[len(PREFIX):])
+    tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+    return {"error": f"exit {proc.returncode}: {tail[0] if tail else 'no output'} (log: {log})"}
 
-    def step() -> None:
-        loss = summed_token_loss(model, batch) / max(1, int((batch["labels"] != -100).sum()))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    model.train()
-    rows.append((f"forward+backward+step, batch {batch_size} (ms)", 1000 * timed(step, 20), 250.0))
-    import resource
+def run_memory(args: argparse.Namespace) -> Tuple[List[str], List[Check]]:
+    mode = "quick" if args.quick else "full"
+    hidden, inter, vocab, layers, seq, labelled = LOSS_SHAPE[mode]
+    size, ckpt_seq, ckpt_steps = CKPT_SHAPE[mode]
+    shape = f"h{hidden}/ffn{inter}/vocab{vocab:,}, {layers} layer, seq {seq}, {labelled} labels"
+    rows: Dict[str, Dict[str, object]] = {}
+    for which, name in (("old", "old loss (full logits, fp32 CE)"), ("new", "new loss (summed_token_loss)")):
+        rows[f"{name}: {shape}"] = measure_memory(
+            ["loss", which, *(str(v) for v in LOSS_SHAPE[mode])], args.log_dir / f"memory-loss-{which}.log")
+    for which in ("off", "on"):
+        rows[f"{size} VLM, seq {ckpt_seq}, {ckpt_steps} steps: act. checkpointing {which}"] = measure_memory(
+            ["ckpt", which, size, str(ckpt_seq), str(ckpt_steps)], args.log_dir / f"memory-ckpt-{which}.log")
+    old, new, off, on = rows.values()
+    return memory_table(rows), memory_checks(old, new, off, on, shape, size, ckpt_seq)
 
-    rows.append(("peak RSS (GiB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 4.0))
 
-    missed = 0
-    print(f"{'measurement':<44}{'value':>10}{'target':>10}")
-    for name, value, target in rows:
-        ok = value <= target
-        missed += not ok
-        print(f"{name:<44}{value:>10.3f}{target:>10.3f}  {'ok' if ok else 'MISSED'}")
-    return 1 if missed else 0
+def memory_checks(old: dict, new: dict, off: dict, on: dict, shape: str, size: str, seq: int) -> List[Check]:
+    if "error" in old or "error" in new:
+        loss_drop, note = None, "a measurement failed"
+    else:
+        loss_drop = old["step_mib"] / max(new["step_mib"], 1.0)
+        note = f"whole-process peak {old['peak_mib'] / new['peak_mib']:.2f}x; losses {old['result']:.5f} / " \
+               f"{new['result']:.5f}"
+    checks = [Check("loss: step memory, old / new (Gemma 3 4B widths)", loss_drop, 4.0, note=note)]
+    if "error" in off or "error" in on:
+        return checks + [Check("activation checkpointing: step memory drop", None, 0.30)]
+    drop = 1 - on["step_mib"] / max(off["step_mib"], 1.0)
+    total = 1 - on["peak_mib"] / off["peak_mib"]
+    checks.append(Check(f"activation checkpointing: step memory drop ({size}, seq {seq})", drop, 0.30, unit="",
+                        note=f"whole-process peak drop {total:.3f}"))
+    worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(on["result"], off["result"]))
+    checks.append(Check("activation checkpointing: same losses (1 - max rel diff)", 1 - worst, 1 - 1e-5, unit="",
+                        note=f"off {['%.6f' % v for v in off['result']]} on {['%.6f' % v for v in on['result']]}"))
+    return checks
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    lines, checks = [], []
+    try:
+        got, more = run_throughput(args)
+        lines += got + [""]
+        checks += more
+        if not args.skip_memory:
+            got, more = run_memory(args)
+            lines += got + [""]
+            checks += more
+    except WorkerError as err:
+        print(f"benchmark failed: {err}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    print("Checks" + (" (not enforced with --quick: too few rounds to mean anything)" if args.quick else ""))
+    for check in checks:
+        print(check.line(enforced=not args.quick))
+    if args.profile:
+        print_profiles(args.log_dir)
+    print(f"\n{time.time() - started:.0f} s; worker logs in {args.log_dir}")
+    missed = [c for c in checks if not c.ok]
+    return 1 if missed and not args.quick else 0
+
+
+def print_profiles(log_dir: Path) -> None:
+    import pstats
+
+    for path in sorted(log_dir.glob("*.prof")):
+        print(f"\ncProfile of the real loop's timed steps ({path.name}), top 25 by own time:")
+        pstats.Stats(str(path), stream=sys.stdout).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -38,6 +38,7 @@ MODE_OVERRIDES = {"lora": ["peft=lora"], "full": ["peft=none"]}
 TOKEN_ID_KEY = re.compile(r"_token_(id|ids|index)$")
 # Files of the tiny build that the benchmark checkpoint takes as they are (tokenizer, template).
 NOT_COPIED = {"config.json", "model.safetensors", "processor_config.json", "tiny_build.json"}
+SHM_NEEDED = 24 * 2**30  # one bf16 checkpoint (<= 8.6 GB) plus ample room for DataLoader shared memory
 
 # config.json of https://huggingface.co/google/gemma-3-4b-it as published (keys that only carry
 # transformers' version left out). The text config leaves heads (8), KV heads (4), head_dim (256)
@@ -91,16 +92,17 @@ class BenchModel:
     processor: Dict[str, Any]  # overlay on the tiny build's processor_config.json
     model_group: str  # conf/model/<group>.yaml for the real model ...
     tiny_group: str  # ... and for its tiny twin (whose tokenizer/processor the benchmark reuses)
+    params: float  # parameters of the published model: a build that differs has read its config wrong
     mode_overrides: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
 
 
 MODELS: Dict[str, BenchModel] = {
     "gemma3": BenchModel("google/gemma-3-4b-it", "Gemma3Config", GEMMA3_4B_IT, GEMMA3_4B_IT_PROCESSOR,
-                         "gemma3", "tiny_gemma3",
+                         "gemma3", "tiny_gemma3", params=4.300e9,
                          # Full SFT of the 4B needs it on one GPU at larger batches (conf/parallel).
                          mode_overrides={"full": ("parallel.activation_checkpointing=true",)}),
     "qwen2_5_vl": BenchModel("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2_5_VLConfig", QWEN2_5_VL_3B_INSTRUCT,
-                             QWEN2_5_VL_PROCESSOR, "qwen2_5_vl", "tiny_qwen2_5_vl"),
+                             QWEN2_5_VL_PROCESSOR, "qwen2_5_vl", "tiny_qwen2_5_vl", params=3.755e9),
 }
 
 
@@ -131,11 +133,25 @@ def _deep_merge(base: Dict[str, Any], overlay: Dict[str, Any]) -> Dict[str, Any]
     return out
 
 
-def _token_ids(config: Dict[str, Any]) -> Dict[str, Any]:
-    """The special-token ids of a config.json (top level and text_config): they must match the tokenizer."""
-    ids: Dict[str, Any] = {k: v for k, v in config.items() if TOKEN_ID_KEY.search(k)}
-    text = {k: v for k, v in (config.get("text_config") or {}).items() if TOKEN_ID_KEY.search(k)}
-    return {**ids, "text_config": text} if text else ids
+def _token_ids(tiny_config: Dict[str, Any], published: Dict[str, Any]) -> Dict[str, Any]:
+    """The tiny config's special-token ids (they match the tokenizer), laid out like ``published``.
+
+    A published file without a text_config (Qwen2.5-VL's legacy layout) keeps its text keys at the
+    top level: a text_config holding only token ids would replace all of them by defaults.
+    """
+    ids: Dict[str, Any] = {k: v for k, v in tiny_config.items() if TOKEN_ID_KEY.search(k)}
+    text = {k: v for k, v in (tiny_config.get("text_config") or {}).items() if TOKEN_ID_KEY.search(k)}
+    if "text_config" in published:
+        return {**ids, "text_config": text} if text else ids
+    return {**ids, **text}
+
+
+def published_config(spec: "BenchModel", tiny_config: Dict[str, Any]) -> Any:
+    """The published architecture as a transformers config, with the tiny tokenizer's token ids."""
+    import transformers
+
+    merged = _deep_merge(spec.config, _token_ids(tiny_config, spec.config))
+    return getattr(transformers, spec.config_class).from_dict(merged)
 
 
 def build_checkpoint(spec: BenchModel, tiny_dir: Path, out_dir: Path, tiny: bool, dtype: str) -> Path:
@@ -145,23 +161,31 @@ def build_checkpoint(spec: BenchModel, tiny_dir: Path, out_dir: Path, tiny: bool
 
     tiny_config = json.loads((tiny_dir / "config.json").read_text())
     if tiny:
-        config_dict, processor_overlay = tiny_config, {}
+        config, processor_overlay = getattr(transformers, spec.config_class).from_dict(tiny_config), {}
     else:  # the published architecture, with the token ids of the tokenizer it is paired with
-        config_dict, processor_overlay = _deep_merge(spec.config, _token_ids(tiny_config)), spec.processor
-    config = getattr(transformers, spec.config_class).from_dict(config_dict)
+        config, processor_overlay = published_config(spec, tiny_config), spec.processor
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):  # initialised where it trains: seconds on a GPU for 4B parameters
         model = transformers.AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
+    params = model.num_parameters()
+    if not tiny and spec.params and abs(params - spec.params) > 0.01 * spec.params:  # a config key read wrong
+        raise ValueError(f"{spec.hub_id} built with {params / 1e9:.2f}B parameters, expected {spec.params / 1e9:.2f}B")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     del model
+    write_processor(tiny_dir, out_dir, processor_overlay)
+    _free_device_memory()
+    return out_dir
+
+
+def write_processor(tiny_dir: Path, out_dir: Path, overlay: Dict[str, Any]) -> None:
+    """The tiny build's tokenizer and chat template, its processor config with ``overlay`` on top."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     for item in tiny_dir.iterdir():
         if item.is_file() and item.name not in NOT_COPIED:
             shutil.copy2(item, out_dir / item.name)
     processor = json.loads((tiny_dir / "processor_config.json").read_text())
-    (out_dir / "processor_config.json").write_text(json.dumps(_deep_merge(processor, processor_overlay), indent=2))
-    _free_device_memory()
-    return out_dir
+    (out_dir / "processor_config.json").write_text(json.dumps(_deep_merge(processor, overlay), indent=2))
 
 
 def _free_device_memory() -> None:
@@ -254,8 +278,13 @@ def run_one(spec: BenchModel, name: str, mode: str, checkpoint: Path, args: argp
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or "no message"
-    return f"{type(err).__name__}: {text[:200]}"
+    """The error in one line; for one re-raised from a DataLoader worker, the worker's own."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].startswith("Caught ") and "Original Traceback" in str(err):
+        return lines[-1][:300]  # "BadRecordError: record ..."
+    return f"{type(err).__name__}: {' '.join(lines)[:300]}"
 
 
 def _reset_accelerate() -> None:
@@ -267,33 +296,34 @@ def _reset_accelerate() -> None:
 
 
 def bench_model(name: str, args: argparse.Namespace, work: Path, deadline: float) -> List[Row]:
-    """Build one model's checkpoint, run each mode on it; errors become rows."""
-    spec = MODELS[name]
-    rows: List[Row] = []
-    checkpoint = work / "checkpoints" / name
-    try:
-        from vlm_sweep.models.load import resolve_source
+    """Build one model's checkpoint, run each mode on it; errors (OOM, ...) become rows."""
+    from vlm_sweep.models.load import resolve_source
 
-        tiny_dir = Path(resolve_source(compose([f"model={spec.tiny_group}"]).model))  # built once, cached
+    spec = MODELS[name]
+    if time.monotonic() > deadline:
+        return [Row(name, mode, spec.hub_id, error="skipped: --time-limit reached") for mode in args.modes]
+    checkpoint = work / "checkpoints" / name
+    rows: List[Row] = []
+    try:
         print(f"[{name}] building {'tiny ' if args.tiny else ''}{spec.hub_id} with random weights", flush=True)
+        tiny_dir = Path(resolve_source(compose([f"model={spec.tiny_group}"]).model))  # built once, cached
         build_checkpoint(spec, tiny_dir, checkpoint, args.tiny, "float32" if args.tiny else "bfloat16")
     except Exception as err:
-        return [Row(name, mode, spec.hub_id, error=f"build failed: {_one_line(err)}") for mode in args.modes]
-    try:
-        for mode in args.modes:
-            if time.monotonic() > deadline:
-                rows.append(Row(name, mode, spec.hub_id, error="skipped: --time-limit reached"))
-                continue
-            print(f"[{name}] {mode}: {args.steps} steps", flush=True)
-            try:
-                rows.append(run_one(spec, name, mode, checkpoint, args, work))
-            except Exception as err:  # OOM and friends: report it, go on with the next run
-                rows.append(Row(name, mode, spec.hub_id, error=_one_line(err)))
-            finally:
-                _reset_accelerate()
-                _free_device_memory()
-    finally:
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        rows = [Row(name, mode, spec.hub_id, error=f"build failed: {_one_line(err)}") for mode in args.modes]
+    for mode in args.modes if not rows else ():
+        if time.monotonic() > deadline:
+            rows.append(Row(name, mode, spec.hub_id, error="skipped: --time-limit reached"))
+            continue
+        print(f"[{name}] {mode}: {args.steps} steps", flush=True)
+        try:
+            rows.append(run_one(spec, name, mode, checkpoint, args, work))
+        except Exception as err:  # report it, go on with the next run
+            rows.append(Row(name, mode, spec.hub_id, error=_one_line(err)))
+        finally:
+            _reset_accelerate()
+            _free_device_memory()
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    _free_device_memory()
     return rows
 
 
@@ -334,6 +364,17 @@ def render_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
+def default_workdir() -> Path:
+    """A temp dir in RAM (/dev/shm) when it has room for a checkpoint: an 8.6 GB save and two loads
+    per model would otherwise cost a minute or more of the time limit on a slow disk."""
+    shm = Path("/dev/shm")
+    try:
+        roomy = shm.is_dir() and shutil.disk_usage(shm).free >= SHM_NEEDED
+    except OSError:
+        roomy = False
+    return Path(tempfile.mkdtemp(prefix="vlm_sweep_gpu_bench_", dir=shm if roomy else None))
+
+
 def device_name() -> str:
     import torch
 
@@ -371,13 +412,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="global batch, CORD recipe's 8 (default)")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="per forward (default 4)")
     parser.add_argument("--image-size", type=_size, default=None,
-                        help="receipt images WIDTHxHEIGHT (default 864x1152, ~1 MP like a phone photo; --tiny: 256x384)")
+                        help="receipt images WIDTHxHEIGHT (default 864x1152, ~1 MP like a phone photo; "
+                             "--tiny: 256x384)")
     parser.add_argument("--max-length", type=int, default=None, help="dataset.max_length (default 2048; --tiny 512)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak for MFU (default: looked up by GPU name; none on a CPU)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: the same code path, in seconds")
     parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
-    parser.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: a temp dir, removed)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="scratch dir, kept but for the checkpoints (default: a temp dir, in /dev/shm "
+                             "if it has 24 GB free, removed)")
     parser.add_argument("--time-limit", type=float, default=7.5,
                         help="minutes; runs not started by then get a 'skipped' row (default 7.5)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. freeze=none)")
@@ -394,6 +438,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here comes from the hub: no lookups, no retries
     import torch
 
     if not args.tiny and not torch.cuda.is_available():
@@ -404,7 +449,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     silence_known_noise()
     started = time.monotonic()
     deadline = started + 60 * args.time_limit
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="vlm_sweep_gpu_bench_"))
+    work = args.workdir or default_workdir()
     rows: List[Row] = []
     try:
         for name in args.models:

@@ -66,14 +66,15 @@ def test_terminal_mode_shows_a_bar_that_says_when_it_validates(log_file):
     stream = Stream()
     reporter = ProgressReporter(5, 0, True, log_every_steps=2, tty=True, stream=stream)
     reporter.step(1, METRICS)
+    reporter.step(2, {})  # a step whose metrics the loop did not compute: the bar moves, the values stay
     with reporter.phase("validating"):
         stream.during_phase = stream.getvalue().split("\r")[-1]
-    reporter.measured(1, {"val_loss": 0.75})
+    reporter.measured(2, {"val_loss": 0.75})
     reporter.close()
     assert "validating..." in stream.during_phase and "loss=1.2346" in stream.during_phase
-    assert "lr=2.00e-04" in stream.getvalue()
-    # The log file still gets plain lines: the due step (step 1 is not: every 2) and the measurement.
-    assert log_file.read_text().splitlines() == ["step 1/5 val_loss 0.7500"]
+    assert "2/5" in stream.during_phase and "lr=2.00e-04" in stream.during_phase
+    # The log file still gets plain lines: due steps with metrics (none here) and the measurement.
+    assert log_file.read_text().splitlines() == ["step 2/5 val_loss 0.7500"]
 
 
 def test_other_ranks_report_nothing(log_file):

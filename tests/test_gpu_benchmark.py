@@ -25,6 +25,55 @@ def _bench(args: List[str], prelude: str = "") -> subprocess.CompletedProcess:
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.fixture(scope="module")
+def bench() -> dict:
+    """The script's namespace, without running it."""
+    import runpy
+
+    return runpy.run_path(str(SCRIPT), run_name="gpu_benchmark")
+
+
+def _tiny_dir(bench: dict, name: str) -> Path:
+    from vlm_sweep.models.load import resolve_source
+
+    return Path(resolve_source(bench["compose"]([f"model={bench['MODELS'][name].tiny_group}"]).model))
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen2_5_vl"])
+def test_published_architecture_with_the_tiny_tokenizers_ids(bench: dict, name: str):
+    """The benchmarked model is the published one (its parameter count), speaking the tiny tokenizer's ids."""
+    import torch
+    import transformers
+
+    spec, tiny_dir = bench["MODELS"][name], _tiny_dir(bench, name)
+    config = bench["published_config"](spec, json.loads((tiny_dir / "config.json").read_text()))
+    with torch.device("meta"):
+        model = transformers.AutoModelForImageTextToText.from_config(config)
+    assert model.num_parameters() == pytest.approx(spec.params, rel=0.001)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    image_token = config.image_token_id
+    assert tokenizer.convert_ids_to_tokens(image_token) in ("<image_soft_token>", "<|image_pad|>")
+    assert len(tokenizer) <= config.text_config.vocab_size, "every token id is inside the real vocabulary"
+    assert config.text_config.pad_token_id == tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize("name, image_tokens", [("gemma3", 256), ("qwen2_5_vl", 41 * 31)])
+def test_real_image_settings_on_the_tiny_processor(bench: dict, name: str, image_tokens: int, tmp_path: Path):
+    """Gemma 3: 896x896 -> 256 tokens per image; Qwen2.5-VL: native resolution (864x1152 -> 41x31 merged patches)."""
+    import transformers
+    from PIL import Image
+
+    spec, tiny_dir = bench["MODELS"][name], _tiny_dir(bench, name)
+    bench["write_processor"](tiny_dir, tmp_path, spec.processor)
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path)
+    assert type(processor).__name__ == {"gemma3": "Gemma3Processor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[name]
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it."}]}]
+    text = processor.apply_chat_template(conversation)
+    batch = processor(text=[text], images=[Image.new("RGB", (864, 1152), "white")], return_tensors="pt")
+    image_token = transformers.AutoConfig.from_pretrained(tiny_dir).image_token_id  # what the model looks for
+    assert int((batch["input_ids"] == image_token).sum()) == image_tokens
+
+
 def _table(stdout: str) -> List[List[str]]:
     lines = [line for line in stdout.splitlines() if line.startswith("|") and "---" not in line]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]

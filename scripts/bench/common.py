@@ -173,6 +173,24 @@ def step_tokens(micro: Sequence[Dict[str, Any]]) -> int:
     return sum(int(b["attention_mask"].sum()) for b in micro)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its live children (DataLoader workers), where /proc tells."""
+    import time
+
+    total = time.process_time()
+    me, tick = str(os.getpid()), os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:  # fields after the name: state, ppid, ..., utime (12), stime (13)
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 # ------------------------------------------------------------------ worker <-> parent protocol
 PREFIX = "@@bench "
 
@@ -206,8 +224,10 @@ class Pacer:
 
         self._clock = time.perf_counter
         self.channel, self.warmup, self.steps, self.rounds = channel, warmup, steps, rounds
-        self.done, self.tokens, self.started = 0, 0, 0.0
+        self.done, self.tokens, self.started, self.cpu_started = 0, 0, 0.0, 0.0
         self.first_loss: Optional[float] = None
+        self._profile = os.environ.get("BENCH_PROFILE")  # a path: cProfile the timed rounds into it
+        self._profiler: Any = None
 
     def step_done(self, tokens: int, loss: Any = None) -> None:
         self.done += 1
@@ -220,13 +240,25 @@ class Pacer:
             return
         self.tokens += tokens
         if (self.done - self.warmup) % self.steps == 0:
-            self.channel.send(event="round", seconds=self._clock() - self.started, tokens=self.tokens,
-                              steps=self.steps)
+            seconds = self._clock() - self.started
+            if self._profiler is not None:
+                self._profiler.disable()
+            self.channel.send(event="round", seconds=seconds, tokens=self.tokens, steps=self.steps,
+                              cpu_seconds=cpu_seconds() - self.cpu_started)
             self.tokens = 0
             if self.done < self.warmup + self.steps * self.rounds:
                 self._resume()  # after the last round the loop ends by itself
+            elif self._profiler is not None:
+                self._profiler.dump_stats(self._profile)
 
     def _resume(self) -> None:
         if self.channel.wait() != "run":
             raise SystemExit(0)
+        if self._profile and self._profiler is None:
+            import cProfile
+
+            self._profiler = cProfile.Profile()
+        self.cpu_started = cpu_seconds()
+        if self._profiler is not None:
+            self._profiler.enable()
         self.started = self._clock()

@@ -1,6 +1,6 @@
 """One training-loop variant in its own process, timed in rounds the parent interleaves.
 
-    python scripts/bench/throughput.py VARIANT SIZE WARMUP STEPS ROUNDS
+    python scripts/bench/throughput.py VARIANT SIZE WARMUP STEPS ROUNDS [OVERRIDE ...]
 
 VARIANT: real (vlm_sweep's Trainer over its DataLoader), bare (a plain PyTorch loop over the
 same batches, collated up front), hf (transformers.Trainer), trl (trl.SFTTrainer). All four
@@ -125,7 +125,7 @@ def main(argv: List[str]) -> int:
     warmup, steps, rounds = (int(a) for a in argv[2:5])
     channel = Channel()
     total = warmup + steps * rounds
-    cfg = loop_config(size, total)
+    cfg = loop_config(size, total, argv[5:])
     pacer = Pacer(channel, warmup, steps, rounds)
     with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as tmp:
         if variant == "real":

@@ -88,6 +88,10 @@ def run_job(cfg: DictConfig) -> Optional[float]:
                                      mean_tokens_per_s, read_status, write_status)
 
     export_distributed_env()
+    from vlm_sweep.console import setup_rank_logging, silence_known_noise
+
+    setup_rank_logging()  # after RANK is known: other ranks log warnings and errors only
+    silence_known_noise()
     ctx = job_context()
     main = is_main_process()
     previous = read_status(ctx.run_dir)

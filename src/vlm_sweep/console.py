@@ -174,16 +174,21 @@ class ProgressReporter:
             self._exit.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
 
     def step(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """One optimizer step done: advance the bar, or log a line every log_every_steps."""
+        """One optimizer step done: advance the bar, or log a line every log_every_steps.
+
+        ``metrics`` may be empty for a step whose metrics were not computed (not due for logging).
+        """
         if not self.enabled:
             return
         self.step_now = step
-        due = step % self.every == 0 or step == self.total
+        # A step the loop did not measure (empty metrics) only moves the bar.
+        due = bool(metrics) and (step % self.every == 0 or step == self.total)
         if self._bar is not None:
-            self._bar.update(step - self._bar.n)
             postfix = {k: f"{metrics[k]:.4f}" if k == "loss" else f"{metrics[k]:.2e}"
                        for k in ("loss", "lr") if k in metrics}
-            self._bar.set_postfix(postfix)
+            if postfix:  # else the last values stay on show
+                self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(step - self._bar.n)
             if due:  # the log file still gets the plain line
                 log_to_files(logging.INFO, format_step_line(step, self.total, metrics))
         elif due:

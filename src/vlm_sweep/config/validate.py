@@ -154,9 +154,7 @@ def validate_config(cfg: DictConfig) -> None:
            "must name a split when eval.every_steps or checkpoint.best_metric is set", cfg.dataset.val_split)
 
     _choice(cfg, "tracking.backend", ["mlflow", "none"])
-    uri_problem = tracking_uri_problem(cfg.tracking.uri)
-    if uri_problem:
-        raise ConfigError(uri_problem)
+    _check_no_credentials(OmegaConf.to_container(cfg, resolve=False))
     _where(cfg, "tracking.flush_every_steps", *positive)
     _where(cfg, "tracking.retry_every_s", *positive)
     if cfg.tracking.peak_tflops is not None:
@@ -193,13 +191,31 @@ def _check_eval_metric(cfg: DictConfig, key: str, metric: str) -> None:
            f"{', '.join('eval/' + n for n in names)})", metric)
 
 
-def tracking_uri_problem(uri: Optional[str]) -> Optional[str]:
-    """A one-line refusal when tracking.uri carries credentials (they would reach disk and the tracker)."""
+def credentials_problem(key: str, value: Any) -> Optional[str]:
+    """One-line refusal of a URI with credentials in any config value (they would reach disk,
+    Hydra's own files, the console and the tracker)."""
     from vlm_sweep.tracking import CREDENTIALS_IN_URI_ERROR, uri_has_credentials
 
-    if uri and uri_has_credentials(str(uri)):
+    if not isinstance(value, str) or not uri_has_credentials(value):
+        return None
+    if key == "tracking.uri":
         return CREDENTIALS_IN_URI_ERROR
-    return None
+    return (f"config error: {key} contains a URI with credentials; remove them (for MLflow set "
+            f"MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)")
+
+
+def _check_no_credentials(node: Any, prefix: str = "") -> None:
+    """Every string in the config, at any depth."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_no_credentials(v, f"{prefix}{k}.")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_no_credentials(v, f"{prefix}{i}.")
+    else:
+        problem = credentials_problem(prefix[:-1], node)
+        if problem:
+            raise ConfigError(problem)
 
 
 def check_cli_overrides(args: List[str], conf_dir: Optional[Path] = None) -> Optional[str]:
@@ -218,11 +234,14 @@ def check_cli_overrides(args: List[str], conf_dir: Optional[Path] = None) -> Opt
         return None
     for override in overrides:
         key = override.key_or_group
-        if override.is_add() or override.is_delete() or override.package or key.startswith("hydra"):
-            continue
         try:
             values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         except Exception:  # interval() and other non-enumerable sweeps: Hydra checks them
+            continue
+        secret = next((p for p in (credentials_problem(key, v) for v in values) if p), None)
+        if secret:
+            return secret
+        if override.is_add() or override.is_delete() or override.package or key.startswith("hydra"):
             continue
         check = _check_group_choice if "." not in key else _check_key_value
         for value in values:
@@ -251,10 +270,6 @@ def _check_key_value(key: str, value: Any, conf_dir: Optional[Path]) -> Optional
 
     if isinstance(value, str) and "${" in value:
         return None
-    if key == "tracking.uri" and value is not None:
-        problem = tracking_uri_problem(str(value))
-        if problem:
-            return problem
     try:
         OmegaConf.update(OmegaConf.structured(RunConfig), key, value, merge=True)
     except OmegaConfBaseException as err:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from vlm_sweep.errors import BadRecordError, DatasetLoadError  # noqa: F401 (re-exported)
-from vlm_sweep.hub import hub_offline, hub_reachable
+from vlm_sweep.hub import download_hint, hub_offline, hub_reachable
 from vlm_sweep.data.json_source import bad_file_line, load_file, quiet_json_builder, root_cause
 from vlm_sweep.data.media import VideoFrames, shrink_image, to_rgb
 from vlm_sweep.data.formats import RECORD_FORMATS, ROW_FILTERS, Conversation, assistant_texts
@@ -98,10 +98,8 @@ def load_source_split(dataset_cfg: Any, split: str) -> Any:
     if not local.exists():
         if not hub_offline() and not hub_reachable():
             raise DatasetLoadError(
-                f"dataset {source!r} is not a local path and the Hugging Face hub is not reachable; "
-                f"download it where there is network and set HF_HOME / HF_HUB_OFFLINE=1, or set "
-                f"dataset.path to a local copy in the same schema."
-            )
+                f"dataset {source!r} is not a local path and the Hugging Face hub is not reachable: "
+                f"{download_hint(source, repo_type='dataset')}.")
     import datasets
     import numpy as np
 

@@ -62,8 +62,10 @@ def build_loaders(dataset_cfg: Any, step_cfg: Any, datasets: Dict[str, Any], col
     options = loader_options(resolve_num_workers(dataset_cfg.num_workers, local_processes), pin_memory)
     train = datasets["train"]
     lengths = train.length_hints() if dataset_cfg.group_by_length else None
-    sampler = ShardedIndexSampler(len(train), rank=rank, world_size=world_size, seed=seed,
-                                  lengths=lengths, batch_size=step_cfg.micro_batch_size)
+    # Length groups are whole optimizer steps (global batches), so the samples of a step do not
+    # depend on how many processes share it: DDP over N ranks trains on what one process would.
+    sampler = ShardedIndexSampler(len(train), rank=rank, world_size=world_size, seed=seed, lengths=lengths,
+                                  batch_size=step_cfg.global_batch_size // world_size)
     # Private generators: creating a loader iterator (a worker base seed) must not draw from the
     # global RNG. A resumed run creates its iterators at other steps than an uninterrupted one
     # (persistent validation workers: once per process), and LoRA dropout draws from that RNG.

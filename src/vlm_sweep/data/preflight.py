@@ -312,7 +312,9 @@ def padding_in_sampler_order(cfg: Any, train: Any, checked: Sequence[int],
     if cfg.dataset.group_by_length:
         every = train.length_hints()
         hints = [every[i] for i in checked]
-    sampler = ShardedIndexSampler(len(checked), seed=int(cfg.seed), lengths=hints, batch_size=micro)
+    # As the run's loader: length groups are whole optimizer steps (one process's view of one).
+    sampler = ShardedIndexSampler(len(checked), seed=int(cfg.seed), lengths=hints,
+                                  batch_size=int(cfg.step_scheduler.global_batch_size))
     order = [checked[p] for p in sampler.epoch_order(0)]
     batches = [[lengths[i] for i in order[k:k + micro] if i in lengths] for k in range(0, len(order), micro)]
     batches = [b for b in batches if b]

@@ -71,7 +71,12 @@ def sqlite_path(uri: str) -> Optional[Path]:
 
 
 def quick_http_defaults() -> None:
-    """Short, unretried MLflow HTTP requests, unless the user set these variables themselves."""
+    """Short, unretried MLflow HTTP requests, unless the user set these variables themselves.
+
+    MLflow's own "View run at http://user:password@host/..." line is turned off: it prints the
+    URI with its credentials; the run summary prints the masked URI instead.
+    """
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
