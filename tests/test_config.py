@@ -78,6 +78,8 @@ def test_every_group_option_composes_and_validates(group, option):
     own.pop("defaults", None)
     composed = OmegaConf.to_container(cfg[group], resolve=False)
     for key, value in own.items():
+        if needs_path and key == "path":
+            continue
         assert composed[key] == value, f"{group}={option}: {key}"
     # And everything resolves (interpolations such as ${paths.cache_dir} are valid).
     OmegaConf.to_container(cfg, resolve=True)

@@ -112,24 +112,24 @@ def test_tiny_benchmark_prints_and_writes_every_run(tmp_path: Path):
 @pytest.mark.slow
 def test_a_failing_model_gets_an_error_row_and_the_rest_still_run(tmp_path: Path):
     out = tmp_path / "bench.json"
-    # Two broken copies of Gemma 3: one whose build fails, one whose training run fails (inside
-    # vlm_sweep.train.run, as an OOM would), ahead of the real one, which must still be measured.
+    # Two broken copies of Gemma 3: one whose build fails, one whose training fails mid-run (no record
+    # fits dataset.max_length: the first batch raises inside vlm_sweep.train.run, as an OOM would),
+    # ahead of the real one, which must still be measured.
     prelude = ("import dataclasses\n"
                "g = MODELS['gemma3']\n"
                "MODELS.clear()\n"
                "MODELS['broken_build'] = dataclasses.replace(g, config_class='NoSuchConfig')\n"
-               "MODELS['broken_run'] = dataclasses.replace(g, mode_overrides={'lora': "
-               "('model.attn_implementation=no_such_attention',)})\n"
+               "MODELS['broken_run'] = dataclasses.replace(g, mode_overrides={'lora': ('dataset.max_length=16',)})\n"
                "MODELS['gemma3'] = g\n")
     done = _bench(["--tiny", "--steps", "1", "--modes", "lora", "--models", "broken_build,broken_run,gemma3",
                    "--out", str(out)], prelude)
     assert done.returncode == 1, done.stdout + done.stderr
     table = {row[0]: row for row in _table(done.stdout)[1:]}
     assert table["broken_build"][2].startswith("ERROR build failed: AttributeError"), table
-    assert table["broken_run"][2].startswith("ERROR ") and "no_such_attention" in table["broken_run"][2]
+    assert table["broken_run"][2].startswith("ERROR BadRecordError:"), table["broken_run"]
     assert table["gemma3"][2].replace(",", "").isdigit(), "measured after the failures"
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
-    assert rows["broken_run"]["tokens_per_s"] is None and "no_such_attention" in rows["broken_run"]["error"]
+    assert rows["broken_run"]["tokens_per_s"] is None and "dataset.max_length" in rows["broken_run"]["error"]
     assert rows["gemma3"]["error"] is None and rows["gemma3"]["tokens_per_s"] > 0
 
 
