@@ -71,7 +71,7 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, "model.family", sorted(MODEL_FAMILIES))
     _choice(cfg, "model.dtype", ["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"])
     _choice(cfg, "model.attn_implementation",
-            [None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"])
+            [None, "auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"])
 
     _choice(cfg, "dataset.format", sorted(RECORD_FORMATS))
     _choice(cfg, "dataset.on_bad_record", ["error", "skip"])

@@ -7,7 +7,7 @@ loaded through the very same ``from_pretrained`` calls as ``google/gemma-3-4b-it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 from vlm_sweep.hub import download_hint, hub_offline, hub_reachable
 from vlm_sweep.models.registry import get_family
@@ -82,6 +82,19 @@ def load_processor(source: str, model_cfg: Any) -> Any:
     return processor
 
 
+def resolve_attention(setting: Optional[str]) -> Optional[str]:
+    """``auto``: FlashAttention 2 on a CUDA device where the ``flash_attn`` extra is installed, else SDPA."""
+    if setting != "auto":
+        return setting
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_model(source: str, model_cfg: Any) -> Any:
     """The model through the family's Auto class, with dtype and attention from config."""
     import transformers
@@ -89,8 +102,9 @@ def load_model(source: str, model_cfg: Any) -> Any:
     family = get_family(model_cfg.family)
     auto_cls = getattr(transformers, family.auto_model_class)
     kwargs = {}
-    if model_cfg.attn_implementation:
-        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    attention = resolve_attention(model_cfg.attn_implementation)
+    if attention:
+        kwargs["attn_implementation"] = attention
     return auto_cls.from_pretrained(
         source,
         revision=model_cfg.revision,
