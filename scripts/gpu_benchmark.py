@@ -283,7 +283,7 @@ def _one_line(err: BaseException) -> str:
     if not lines:
         return type(err).__name__
     if lines[0].startswith("Caught ") and "Original Traceback" in str(err):
-        return lines[-1][:300]  # "BadRecordError: record ..."
+        return re.sub(r"^(?:\w+\.)+(?=\w+:)", "", lines[-1])[:300]  # "BadRecordError: ...", no module path
     return f"{type(err).__name__}: {' '.join(lines)[:300]}"
 
 
@@ -417,7 +417,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=None, help="dataset.max_length (default 2048; --tiny 512)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak for MFU (default: looked up by GPU name; none on a CPU)")
-    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: the same code path, in seconds")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny models (on a CPU, or the GPU if any): the same code path, in seconds")
     parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="scratch dir, kept but for the checkpoints (default: a temp dir, in /dev/shm "

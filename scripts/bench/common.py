@@ -222,7 +222,8 @@ class Pacer:
     def __init__(self, channel: Channel, warmup: int, steps: int, rounds: int) -> None:
         import time
 
-        self._clock = time.perf_counter
+        self._clock, self._main_cpu = time.perf_counter, time.process_time
+        self.main_cpu_started = 0.0
         self.channel, self.warmup, self.steps, self.rounds = channel, warmup, steps, rounds
         self.done, self.tokens, self.started, self.cpu_started = 0, 0, 0.0, 0.0
         self.first_loss: Optional[float] = None
@@ -244,7 +245,8 @@ class Pacer:
             if self._profiler is not None:
                 self._profiler.disable()
             self.channel.send(event="round", seconds=seconds, tokens=self.tokens, steps=self.steps,
-                              cpu_seconds=cpu_seconds() - self.cpu_started)
+                              cpu_seconds=cpu_seconds() - self.cpu_started,
+                              main_cpu_seconds=self._main_cpu() - self.main_cpu_started)
             self.tokens = 0
             if self.done < self.warmup + self.steps * self.rounds:
                 self._resume()  # after the last round the loop ends by itself
@@ -258,7 +260,7 @@ class Pacer:
             import cProfile
 
             self._profiler = cProfile.Profile()
-        self.cpu_started = cpu_seconds()
+        self.cpu_started, self.main_cpu_started = cpu_seconds(), self._main_cpu()
         if self._profiler is not None:
             self._profiler.enable()
         self.started = self._clock()

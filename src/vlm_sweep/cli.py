@@ -84,8 +84,9 @@ def _log_to_files(message: str) -> None:
 
 def run_job(cfg: DictConfig) -> Optional[float]:
     """Run one Hydra job; returns the objective (``objective_metric``) for sweepers."""
+    from vlm_sweep.config.validate import world_size
     from vlm_sweep.sweep.job import (JobStatus, export_distributed_env, is_main_process, job_context,
-                                     mean_tokens_per_s, read_status, write_status)
+                                     read_status, throughput_summary, write_status)
 
     export_distributed_env()
     from vlm_sweep.console import setup_rank_logging, silence_known_noise
@@ -140,7 +141,7 @@ def run_job(cfg: DictConfig) -> Optional[float]:
             tracking = ctx.run_dir / "tracking.json"
             run_id = json.loads(tracking.read_text())["run_id"] if tracking.exists() else None
             write_status(ctx.run_dir, status("FAILED", error=f"{type(err).__name__}: {message}",
-                                             mlflow_run_id=run_id))
+                                             mlflow_run_id=run_id, **throughput_summary(ctx.run_dir, world_size())))
         if _is_user_error(err):
             print(message if message.startswith("config error:") else f"error: {message}", file=sys.stderr)
             _log_to_files(message)  # the console already has the line
@@ -167,8 +168,8 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         write_status(ctx.run_dir, status(
             state, error=error, step=result.step, final_loss=result.final_loss, val_loss=result.val_loss,
             metrics={k: v for k, v in result.metrics.items() if k.startswith("eval/")},
-            tokens_per_s=mean_tokens_per_s(ctx.run_dir), objective=objective,
-            mlflow_run_id=result.mlflow_run_id))
+            objective=objective, mlflow_run_id=result.mlflow_run_id,
+            **throughput_summary(ctx.run_dir, world_size())))
         log.info("\n%s", format_summary(result, hint))
     if result.stop_signal == signal.SIGINT:
         sys.exit(130)  # Ctrl-C: checkpointed; one line above, no traceback
