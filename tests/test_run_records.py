@@ -46,6 +46,10 @@ def test_refused_resume_changes_no_record_and_failures_are_failed_everywhere(tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     before = {name: (run_dir / name).read_text() for name in ("config.yaml", "job_status.json", "tracking.json")}
     assert _mlflow_status(mlflow_uri, run_dir) == "FINISHED"
+    # The finished job's status carries its throughput for the sweep report.
+    status = json.loads(before["job_status.json"])
+    assert status["tokens_per_s"] > 0 and status["tflops"] > 0 and status["device_hours"] > 0
+    assert status["device_type"] == "cpu" and status["mfu"] is None  # no known peak for a CPU
 
     # The finished LoRA run's dir re-run with full fine-tuning: refused with one line ...
     proc = run_launch([*args, "peft=none"])
