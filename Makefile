@@ -30,9 +30,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not slurm"
 
-# Hot-path speed targets (start-up, collate, training step): scripts/benchmark.py
+# The training loop side by side with a bare loop, transformers.Trainer and TRL (interleaved rounds),
+# and the memory the loss and activation checkpointing save: scripts/benchmark.py, docs/performance.md.
+# ~10 minutes on 2 cores; `make bench ARGS=--quick` is a 2-round smoke run.
 bench: install
-	$(PY) scripts/benchmark.py
+	@$(PY) -c "import trl" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) scripts/benchmark.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs/* .pytest_cache

@@ -26,10 +26,6 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     import sys
 
-    from vlm_sweep.console import silence_known_noise
-
-    silence_known_noise()  # known third-party warnings, INFO chatter and progress bars, before Hydra starts
-
     from vlm_sweep.config.validate import check_cli_overrides
 
     from pathlib import Path

@@ -114,7 +114,9 @@ def test_gradient_accumulation_normalises_by_label_tokens(tmp_path):
 def test_zero_label_step_is_not_nan_and_does_not_move_weights(tmp_path):
     from vlm_sweep.data.collate import IGNORE_INDEX, VLMCollator
 
-    cfg = compose(FAST + ["tracking=none", "peft=none", "freeze=none", "dataset.val_split=null", "eval=none"])
+    # The pre-flight check would refuse these label-less records before training: this tests the step.
+    cfg = compose(FAST + ["tracking=none", "peft=none", "freeze=none", "dataset.val_split=null", "eval=none",
+                          "dataset.preflight_samples=0"])
     original_call = VLMCollator.__call__
 
     def no_labels(self, samples):

@@ -7,6 +7,7 @@ the same model, LoRA, optimizer and batches from the same config and seed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -119,8 +120,24 @@ class Parts:
     processor: Any
     optimizer: Any
     scheduler: Any
-    train_loader: Any
+    train_loader: Any  # the run's own loader: its sampler gives the record order
+    dataset: Any
+    collator: Any
+    micro: int
     accum: int
+
+    def record_order(self, micro_batches: int) -> List[int]:
+        """Indices of the records the run's loader reads for its first ``micro_batches`` batches."""
+        return list(itertools.islice(iter(self.train_loader.sampler), micro_batches * self.micro))
+
+    def collate_in_order(self, micro_batches: int) -> List[Dict[str, Any]]:
+        """Those micro-batches, collated here, up front (what the loader would hand the Trainer)."""
+        order = self.record_order(micro_batches)
+        batches = [self.collator([self.dataset[j] for j in order[i:i + self.micro]])
+                   for i in range(0, len(order), self.micro)]
+        if any("input_ids" not in b for b in batches):
+            raise RuntimeError("the benchmark needs a data set without skipped records")
+        return batches
 
 
 def build_parts(cfg: Any) -> Parts:
@@ -153,19 +170,8 @@ def build_parts(cfg: Any) -> Parts:
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.step_scheduler.max_steps, cfg.optimizer.lr)
     steps = cfg.step_scheduler
-    return Parts(model, processor, optimizer, scheduler, train_loader,
-                 accum=steps.global_batch_size // steps.micro_batch_size)
-
-
-def precollate(loader: Any, count: int) -> List[Dict[str, Any]]:
-    """The first ``count`` usable micro-batches in the order the Trainer reads them (kept in memory)."""
-    batches: List[Dict[str, Any]] = []
-    for batch in loader:
-        if "input_ids" in batch:  # Trainer.next_batch passes over all-skipped batches too
-            batches.append(batch)
-        if len(batches) == count:
-            return batches
-    raise RuntimeError("the training loader ended early")
+    return Parts(model, processor, optimizer, scheduler, train_loader, datasets["train"], collator,
+                 micro=steps.micro_batch_size, accum=steps.global_batch_size // steps.micro_batch_size)
 
 
 def step_tokens(micro: Sequence[Dict[str, Any]]) -> int:

@@ -1,13 +1,14 @@
 """Peak host memory of training steps, one variant per fresh process (so peaks never mix).
 
-    python scripts/bench/memory.py loss old|new HIDDEN INTERMEDIATE VOCAB LAYERS SEQ LABELLED
-    python scripts/bench/memory.py ckpt off|on SIZE SEQ STEPS
+    python scripts/bench/memory.py loss old|new|none HIDDEN INTERMEDIATE VOCAB LAYERS SEQ LABELLED
+    python scripts/bench/memory.py ckpt off|on SIZE SEQ STEPS ROWS
 
 ``loss``: one forward+backward of a Gemma3ForCausalLM at the given widths (LoRA on the decoder,
 base weights frozen, fp32) with the old loss (full logits[:, :-1].float() + cross-entropy over
-every position) or the new one (vlm_sweep.training.loss.summed_token_loss).
+every position) or the new one (vlm_sweep.training.loss.summed_token_loss); ``none`` is the
+decoder alone (no LM head, no loss), the part of the step both losses share.
 ``ckpt``: a few optimizer steps of the benchmark VLM (size tiny/30m) on one synthetic text batch of
-SEQ tokens, with or without vlm_sweep.train.enable_activation_checkpointing; the losses come back
+ROWS x SEQ tokens, with or without vlm_sweep.train.enable_activation_checkpointing; the losses come back
 so the parent can check both runs computed the same thing.
 
 Memory is read from /proc/self/status: VmRSS just before the step (weights, optimizer, libraries)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import resource
 import sys
 import time
@@ -56,6 +58,10 @@ def measure(step: Callable[[], Any]) -> Dict[str, Any]:
             "seconds": seconds, "peak_reset": reset, "result": result}
 
 
+def all_cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def old_summed_loss(model: Any, batch: Dict[str, Any]) -> Any:
     """The loss before vlm_sweep.training.loss: logits for every position, upcast, then cross-entropy."""
     import torch.nn.functional as F
@@ -67,6 +73,16 @@ def old_summed_loss(model: Any, batch: Dict[str, Any]) -> Any:
                            ignore_index=-100, reduction="sum")
 
 
+def backbone_only(model: Any, batch: Dict[str, Any]) -> Any:
+    """Reference: the decoder's forward/backward without any LM head or loss (a stand-in scalar of the
+    final hidden states at the labelled positions), so step memory splits into backbone + loss head."""
+    from vlm_sweep.training.loss import labelled_positions
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model.get_base_model().model(**inputs, use_cache=False).last_hidden_state
+    return hidden[labelled_positions(batch["labels"])[0]].pow(2).mean(-1).sum()
+
+
 def loss_variant(which: str, hidden: int, intermediate: int, vocab: int, layers: int, seq: int,
                  labelled: int) -> Dict[str, Any]:
     import torch
@@ -75,7 +91,7 @@ def loss_variant(which: str, hidden: int, intermediate: int, vocab: int, layers:
 
     from vlm_sweep.training.loss import summed_token_loss
 
-    torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
+    torch.set_num_threads(all_cores())
     config = Gemma3TextConfig(  # Gemma 3 4B's widths and vocabulary
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
@@ -90,7 +106,7 @@ def loss_variant(which: str, hidden: int, intermediate: int, vocab: int, layers:
     labels = torch.full_like(input_ids, -100)
     labels[:, seq - labelled:] = input_ids[:, seq - labelled:]  # an answer at the end: `labelled` targets
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-    loss_fn = old_summed_loss if which == "old" else summed_token_loss
+    loss_fn = {"old": old_summed_loss, "new": summed_token_loss, "none": backbone_only}[which]
 
     def step() -> float:
         loss = loss_fn(model, batch)
@@ -102,18 +118,18 @@ def loss_variant(which: str, hidden: int, intermediate: int, vocab: int, layers:
     return out
 
 
-def ckpt_variant(which: str, size: str, seq: int, steps: int) -> Dict[str, Any]:
+def ckpt_variant(which: str, size: str, seq: int, steps: int, rows: int) -> Dict[str, Any]:
     import torch
 
     from bench.common import build_parts
     from vlm_sweep.training.loss import count_label_tokens, summed_token_loss
 
+    torch.set_num_threads(all_cores())  # time only: a peak does not depend on it
     cfg = loop_config(size, steps, [f"parallel.activation_checkpointing={'true' if which == 'on' else 'false'}",
                                     "dataset.num_workers=0"])
     parts = build_parts(cfg)
     model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     tokenizer = parts.processor.tokenizer
-    rows = cfg.step_scheduler.micro_batch_size
     generator = torch.Generator().manual_seed(0)
     low = len(tokenizer.all_special_ids) + 256  # ordinary text tokens (after specials and byte tokens)
     input_ids = torch.randint(low, len(tokenizer) - 1, (rows, seq), generator=generator)
@@ -138,6 +154,7 @@ def ckpt_variant(which: str, size: str, seq: int, steps: int) -> Dict[str, Any]:
 
     out = measure(train)
     out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    out["batch_rows"] = rows
     return out
 
 
@@ -146,7 +163,7 @@ def main(argv: List[str]) -> int:
     if kind == "loss":
         out = loss_variant(which, *(int(a) for a in rest))
     elif kind == "ckpt":
-        out = ckpt_variant(which, rest[0], int(rest[1]), int(rest[2]))
+        out = ckpt_variant(which, rest[0], *(int(a) for a in rest[1:]))
     else:
         raise SystemExit(f"unknown measurement {kind!r}")
     print(PREFIX + json.dumps(out), flush=True)

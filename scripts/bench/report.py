@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from bench.rounds import Outcome
 
@@ -17,16 +17,20 @@ class Check:
     target: float
     unit: str = "x"
     note: str = ""
+    at_most: bool = False  # the value must be <= target (else >=)
 
     @property
     def ok(self) -> bool:
-        return self.value is not None and not math.isnan(self.value) and self.value >= self.target
+        if self.value is None or math.isnan(self.value):
+            return False
+        return self.value <= self.target if self.at_most else self.value >= self.target
 
     def line(self, enforced: bool) -> str:
-        value = "n/a" if self.value is None else f"{self.value:.3f}{self.unit}"
+        value = "n/a" if self.value is None else f"{self.value:.3g}" if self.at_most else f"{self.value:.3f}{self.unit}"
         verdict = "ok" if self.ok else ("MISSED" if enforced else "missed (not enforced: --quick)")
         note = f"  ({self.note})" if self.note else ""
-        return f"  {self.name:<52}{value:>10}   target >= {self.target:g}{self.unit}   {verdict}{note}"
+        target = f"{'<=' if self.at_most else '>='} {self.target:g}{self.unit}"
+        return f"  {self.name:<58}{value:>9}  target {target:<10}{verdict}{note}"
 
 
 def paired_ratio(a: Outcome, b: Outcome) -> float:
@@ -35,42 +39,46 @@ def paired_ratio(a: Outcome, b: Outcome) -> float:
     return statistics.median(pairs) if pairs else float("nan")
 
 
-def throughput_table(size: str, outcomes: Sequence[Outcome], steps: int) -> List[str]:
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def throughput_table(size: str, outcomes: Sequence[Outcome]) -> List[str]:
+    """One row per loop; '(a)/this' is the median over rounds of the same-round ratio."""
     real = outcomes[0]
     lines = []
     for o in outcomes:
         if o.error:
-            lines.append(f"{size:<6}{o.spec.label:<36}{'failed: ' + o.error.splitlines()[0]}")
+            lines.append(f"{size:<6}{o.spec.label:<40}failed: {o.error.splitlines()[0]}")
             continue
         rates = o.rates
-        cpu = statistics.median(1000 * r["cpu_seconds"] / r["tokens"] for r in o.rounds)
+        cpu_all = _median([1e6 * r["cpu_seconds"] / r["tokens"] for r in o.rounds])
+        cpu_main = _median([1e6 * r["main_cpu_seconds"] / r["tokens"] for r in o.rounds])
         ratio = "" if o is real else f"{paired_ratio(real, o):.3f}x"
-        lines.append(f"{size:<6}{o.spec.label:<36}{o.median:>9.0f}{min(rates):>8.0f}-{max(rates):<8.0f}"
-                     f"{ratio:>9}{cpu:>12.3f}")
+        span = f"{min(rates):.0f}-{max(rates):.0f}"
+        lines.append(f"{size:<6}{o.spec.label:<40}{o.median:>8.0f}{span:>13}{ratio:>10}{cpu_all:>9.0f}{cpu_main:>8.0f}")
     tokens = {o.spec.label: [r["tokens"] for r in o.rounds] for o in outcomes if not o.error}
     if len({tuple(t) for t in tokens.values()}) > 1:
-        lines.append(f"{'':<6}WARNING: the variants trained on different tokens per round: {tokens}")
-    losses = {o.spec.label: o.first_loss for o in outcomes if o.first_loss is not None}
+        lines.append(f"{'':<6}WARNING: the loops trained on different tokens per round: {tokens}")
+    losses = [f"{o.spec.label.split(')')[0]}) {o.first_loss:.6f}" for o in outcomes if o.first_loss is not None]
     if losses:
-        shown = ", ".join(f"{k.split(')')[0]}) {v:.6f}" for k, v in losses.items())
-        lines.append(f"{'':<6}first-step loss (same model, LoRA and batches): {shown}")
+        lines.append(f"{'':<6}first-step loss (same model, LoRA and batches): {', '.join(losses)}")
     return lines
 
 
-def throughput_header(rounds: int, steps: int) -> List[str]:
-    return [f"Training throughput: real tokens/s, median of {rounds} interleaved rounds of {steps} optimizer "
-            f"steps (higher is better)",
-            f"{'size':<6}{'loop':<36}{'tok/s':>9}{'range':>9}{'':8}{'(a)/this':>9}{'CPU-ms/tok':>12}"]
+def throughput_header(rounds: Dict[str, Tuple[int, int]]) -> List[str]:
+    shape = "; ".join(f"{size}: {n} rounds x {steps} optimizer steps" for size, (n, steps) in rounds.items())
+    return ["Training throughput (real tokens/s, higher is better), interleaved rounds " + f"({shape})",
+            f"{'size':<6}{'loop':<40}{'median':>8}{'range':>13}{'(a)/this':>10}{'CPU us/token':>17}",
+            f"{'':<6}{'':<40}{'tok/s':>8}{'':>13}{'':>10}{'all':>9}{'main':>8}"]
 
 
-def memory_table(rows: Dict[str, Dict[str, float]]) -> List[str]:
-    lines = ["Peak host memory (MiB; one fresh process per row; 'step' = high-water mark during the step "
-             "minus RSS before it)",
-             f"{'measurement':<58}{'before':>9}{'peak':>9}{'step':>9}{'time s':>8}"]
+def memory_table(title: str, rows: Dict[str, Dict[str, object]]) -> List[str]:
+    lines = [title, f"{'':<4}{'variant':<52}{'before':>9}{'peak':>9}{'step':>9}{'time s':>8}"]
     for name, m in rows.items():
         if "error" in m:
-            lines.append(f"{name:<58}failed: {m['error']}")
+            lines.append(f"{'':<4}{name:<52}failed: {m['error']}")
         else:
-            lines.append(f"{name:<58}{m['baseline_mib']:>9.0f}{m['peak_mib']:>9.0f}{m['step_mib']:>9.0f}"
+            lines.append(f"{'':<4}{name:<52}{m['baseline_mib']:>9.0f}{m['peak_mib']:>9.0f}{m['step_mib']:>9.0f}"
                          f"{m['seconds']:>8.1f}")
     return lines

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from bench.common import PREFIX
 
@@ -97,7 +97,8 @@ class Worker:
 
 
 def interleave(specs: Sequence[Spec], size: str, *, warmup: int, steps: int, rounds: int,
-               log_dir: Path, required: Sequence[str] = ("real", "bare"), profile: bool = False) -> List[Outcome]:
+               log_dir: Path, required: Sequence[str] = ("real", "bare"), profile: bool = False,
+               progress: Callable[[int], None] = lambda done: None) -> List[Outcome]:
     """Run every spec for ``rounds`` rounds of ``steps`` optimizer steps, A B C D, A B C D, ...
 
     A variant that fails is reported with its error (and left out of later rounds), unless it is
@@ -116,7 +117,7 @@ def interleave(specs: Sequence[Spec], size: str, *, warmup: int, steps: int, rou
                 live[i] = worker
             except WorkerError as err:
                 _failed(outcome, err, required)
-        for _ in range(rounds):
+        for done in range(1, rounds + 1):
             for i, worker in list(live.items()):
                 try:
                     worker.send("run")
@@ -124,6 +125,7 @@ def interleave(specs: Sequence[Spec], size: str, *, warmup: int, steps: int, rou
                 except WorkerError as err:
                     del live[i]
                     _failed(outcomes[i], err, required)
+            progress(done)
         for worker in live.values():
             worker.recv(ROUND_TIMEOUT_S)  # "done": the loop ended cleanly
     finally:

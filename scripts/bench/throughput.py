@@ -3,14 +3,14 @@
     python scripts/bench/throughput.py VARIANT SIZE WARMUP STEPS ROUNDS [OVERRIDE ...]
 
 VARIANT: real (vlm_sweep's Trainer over its DataLoader), bare (a plain PyTorch loop over the
-same batches, collated up front), hf (transformers.Trainer), trl (trl.SFTTrainer). All four
-build the same model, LoRA, optimizer and lr schedule from the same config and seed, and
-train on the same sequence of micro-batches.
+same batches, collated up front), hf (transformers.Trainer), trl (trl.SFTTrainer; both read the
+same records in the same order through vlm_sweep's collator, with the same DataLoader worker
+settings). All four build the same model, LoRA, optimizer and lr schedule from the same config
+and seed, and train on the same sequence of micro-batches.
 """
 
 from __future__ import annotations
 
-import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Channel, Pacer, build_parts, loop_config, precollate, step_tokens  # noqa: E402
+from bench.common import Channel, Pacer, build_parts, loop_config, step_tokens  # noqa: E402
 
 
 def run_real(cfg: Any, pacer: Pacer, run_dir: Path) -> None:
@@ -51,7 +51,7 @@ def run_bare(cfg: Any, pacer: Pacer, total: int) -> None:
     from vlm_sweep.training.loss import count_label_tokens, summed_token_loss
 
     parts = build_parts(cfg)
-    batches = precollate(parts.train_loader, total * parts.accum)
+    batches = parts.collate_in_order(total * parts.accum)
     model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     trainable = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.optimizer.max_grad_norm or float("inf")
@@ -71,52 +71,58 @@ def run_bare(cfg: Any, pacer: Pacer, total: int) -> None:
         pacer.step_done(step_tokens(micro), lambda: float(loss_sum) / max(label_tokens, 1))
 
 
-class _Feed:
-    """Collator handing out the pre-collated micro-batches in order (the sampled indices are ignored)."""
+class RecordCollator:
+    """HF/TRL side: a feature is {"idx": record index}; the batch is vlm_sweep's collator on those records."""
 
-    def __init__(self, batches: List[Dict[str, Any]]) -> None:
-        drop = ("num_skipped", "record_ids")  # bookkeeping, not model inputs
-        self._next = itertools.cycle([{k: v for k, v in b.items() if k not in drop} for b in batches])
+    def __init__(self, dataset: Any, collator: Any) -> None:
+        self.dataset, self.collator = dataset, collator
 
-    def __call__(self, features: Any) -> Dict[str, Any]:
-        return dict(next(self._next))
+    def __call__(self, features: List[Dict[str, int]]) -> Dict[str, Any]:
+        batch = self.collator([self.dataset[f["idx"]] for f in features])
+        return {k: v for k, v in batch.items() if k not in ("num_skipped", "record_ids")}  # not model inputs
 
 
-def _hf_kwargs(cfg: Any, total: int, accum: int, out_dir: Path) -> Dict[str, Any]:
-    """TrainingArguments matching the run: same steps, accumulation, clipping, seed, fp32; no saving/eval."""
-    return dict(output_dir=str(out_dir), max_steps=total, per_device_train_batch_size=1,
-                gradient_accumulation_steps=accum, max_grad_norm=cfg.optimizer.max_grad_norm or 0.0,
+def _hf_kwargs(cfg: Any, parts: Any, total: int, out_dir: Path) -> Dict[str, Any]:
+    """TrainingArguments matching the run: same steps, batch, accumulation, clipping, seed, fp32, and the
+    same DataLoader workers/prefetch; records in the run's order; no saving or eval."""
+    from vlm_sweep.data.loaders import loader_options, resolve_num_workers
+
+    workers = loader_options(resolve_num_workers(cfg.dataset.num_workers), pin_memory=False)
+    return dict(output_dir=str(out_dir), max_steps=total, per_device_train_batch_size=parts.micro,
+                gradient_accumulation_steps=parts.accum, max_grad_norm=cfg.optimizer.max_grad_norm or 0.0,
                 seed=cfg.seed, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True,
-                bf16=False, fp16=False, dataloader_num_workers=0, dataloader_pin_memory=False,
-                remove_unused_columns=False, disable_tqdm=True)
+                bf16=False, fp16=False, remove_unused_columns=False, disable_tqdm=True,
+                train_sampling_strategy="sequential", dataloader_num_workers=workers["num_workers"],
+                dataloader_persistent_workers=workers.get("persistent_workers", False),
+                dataloader_prefetch_factor=workers.get("prefetch_factor"), dataloader_pin_memory=False)
 
 
 def run_hf(cfg: Any, pacer: Pacer, total: int, out_dir: Path, trl: bool) -> None:
-    """transformers.Trainer (or TRL's SFTTrainer) with our model/optimizer/schedule and batches."""
-    import torch
+    """transformers.Trainer (or TRL's SFTTrainer): our model/LoRA/optimizer/schedule, collator and records."""
+    from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     parts = build_parts(cfg)
-    batches = precollate(parts.train_loader, (total + 1) * parts.accum)  # +1: the loader reads ahead
+    micro_batches = (total + 1) * parts.accum  # +1 step: the loader reads ahead
+    batches = parts.collate_in_order(total * parts.accum)  # only to count each step's tokens
     tokens = [step_tokens(batches[i * parts.accum:(i + 1) * parts.accum]) for i in range(total)]
+    del batches
+    records = Dataset.from_dict({"idx": parts.record_order(micro_batches)})
 
     class Paced(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             pacer.step_done(tokens[state.global_step - 1])
 
-    kwargs = _hf_kwargs(cfg, total, parts.accum, out_dir)
-    common = dict(model=parts.model, data_collator=_Feed(batches), optimizers=(parts.optimizer, parts.scheduler),
-                  callbacks=[Paced()])
+    kwargs = _hf_kwargs(cfg, parts, total, out_dir)
+    common = dict(model=parts.model, train_dataset=records, data_collator=RecordCollator(parts.dataset, parts.collator),
+                  optimizers=(parts.optimizer, parts.scheduler), callbacks=[Paced()])
     if trl:
-        from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(**kwargs, gradient_checkpointing=False, dataset_kwargs={"skip_prepare_dataset": True})
-        trainer = SFTTrainer(args=args, train_dataset=Dataset.from_dict({"idx": list(range(len(batches)))}),
-                             processing_class=parts.processor, **common)
+        args = SFTConfig(**kwargs, activation_checkpointing=False, dataset_kwargs={"skip_prepare_dataset": True})
+        trainer = SFTTrainer(args=args, processing_class=parts.processor, **common)
     else:
-        feed = torch.utils.data.TensorDataset(torch.arange(len(batches)))
-        trainer = Trainer(args=TrainingArguments(**kwargs), train_dataset=feed, **common)
+        trainer = Trainer(args=TrainingArguments(**kwargs), **common)
     trainer.train()
 
 

@@ -89,10 +89,6 @@ def run_job(cfg: DictConfig) -> Optional[float]:
                                      read_status, throughput_summary, write_status)
 
     export_distributed_env()
-    from vlm_sweep.console import setup_rank_logging, silence_known_noise
-
-    setup_rank_logging()  # after RANK is known: other ranks log warnings and errors only
-    silence_known_noise()
     ctx = job_context()
     main = is_main_process()
     previous = read_status(ctx.run_dir)
@@ -123,7 +119,11 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     try:
         from vlm_sweep.config.validate import validate_config
 
-        validate_config(cfg)
+        validate_config(cfg)  # before anything heavy is imported
+        from vlm_sweep.console import setup_rank_logging, silence_known_noise
+
+        setup_rank_logging()  # RANK is known: other ranks log warnings and errors only
+        silence_known_noise()
         from vlm_sweep.train import run
 
         result = run(cfg, ctx.run_dir, run_info=run_info, on_start=on_start)

@@ -144,7 +144,8 @@ def validate_config(cfg: DictConfig) -> None:
     if best is not None:
         _check(best == "val_loss" or best.startswith("eval/"), "checkpoint.best_metric",
                "must be 'val_loss' or 'eval/<metric>'", best)
-        _check_eval_metric(cfg, "checkpoint.best_metric", best)
+        if best.startswith("eval/"):
+            _check_eval_metric(cfg, "checkpoint.best_metric", best)
     if cfg.eval.every_steps is not None:
         _where(cfg, "eval.every_steps", *positive)
     for key in ("eval.num_samples", "eval.max_new_tokens", "eval.batch_size"):
