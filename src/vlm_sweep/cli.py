@@ -141,7 +141,8 @@ def run_job(cfg: DictConfig) -> Optional[float]:
             tracking = ctx.run_dir / "tracking.json"
             run_id = json.loads(tracking.read_text())["run_id"] if tracking.exists() else None
             write_status(ctx.run_dir, status("FAILED", error=f"{type(err).__name__}: {message}",
-                                             mlflow_run_id=run_id, **throughput_summary(ctx.run_dir, world_size())))
+                                             mlflow_run_id=run_id,
+                                             **(throughput_summary(ctx.run_dir, world_size()) if started["yes"] else {})))
         if _is_user_error(err):
             print(message if message.startswith("config error:") else f"error: {message}", file=sys.stderr)
             _log_to_files(message)  # the console already has the line
