@@ -99,7 +99,7 @@ def test_training_never_waits_for_a_dead_server_and_nothing_is_lost(tmp_path, se
     caplog.set_level(logging.INFO, logger="vlm_sweep")
     # Credentials travel in the environment's URI (allowed); they must never be stored or printed.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://vlmuser:{PASSWORD}@127.0.0.1:{server.port}")
-    cfg = compose(["tracking.flush_every_steps=1", "+tracking.retry_every_s=1"]).tracking
+    cfg = compose(["tracking.flush_every_steps=1", "tracking.retry_every_s=1"]).tracking
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     tracker = make_tracker(cfg, str(run_dir), is_main=True)
