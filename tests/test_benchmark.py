@@ -19,7 +19,8 @@ LOOPS = ("(a) vlm_sweep Trainer", "(b) bare PyTorch loop", "(c) transformers.Tra
 
 @pytest.mark.slow
 def test_quick_benchmark_prints_the_side_by_side_comparison(tmp_path: Path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--log-dir", str(tmp_path)],
+    script = ROOT / "scripts" / "benchmark.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--log-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout

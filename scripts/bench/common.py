@@ -66,6 +66,7 @@ def build_gemma3_30m(output_dir: Path) -> Path:
 
     tiny.build_gemma3 has fixed sizes, so the config is widened here from the tiny build's own
     Gemma3Config and saved with its processor; the run then loads it through the normal path.
+    Called by the parent process before it starts the workers that load it.
     """
     marker = output_dir / BUILD_MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("version") == BUILD_VERSION:
@@ -90,7 +91,8 @@ def build_gemma3_30m(output_dir: Path) -> Path:
         model.save_pretrained(tmp)
         AutoProcessor.from_pretrained(source).save_pretrained(tmp)
         (tmp / BUILD_MARKER).write_text(json.dumps({"version": BUILD_VERSION, "text": GEMMA3_30M_TEXT}))
-        shutil.rmtree(output_dir, ignore_errors=True)
+        if output_dir.exists():  # an older build (the parent builds before any worker reads it)
+            shutil.rmtree(output_dir)
         os.rename(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

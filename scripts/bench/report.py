@@ -27,7 +27,7 @@ class Check:
 
     def line(self, enforced: bool) -> str:
         value = "n/a" if self.value is None else f"{self.value:.3g}" if self.at_most else f"{self.value:.3f}{self.unit}"
-        verdict = "ok" if self.ok else ("MISSED" if enforced else "missed (not enforced: --quick)")
+        verdict = "ok" if self.ok else ("MISSED" if enforced else "missed (not enforced)")
         note = f"  ({self.note})" if self.note else ""
         target = f"{'<=' if self.at_most else '>='} {self.target:g}{self.unit}"
         return f"  {self.name:<58}{value:>9}  target {target:<10}{verdict}{note}"

@@ -127,6 +127,10 @@ def run_hf(cfg: Any, pacer: Pacer, total: int, out_dir: Path, trl: bool) -> None
 
 
 def main(argv: List[str]) -> int:
+    import logging
+
+    # As launch.py's Hydra job logging: INFO records (the Trainer's per-step progress line) are written.
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     variant, size = argv[0], argv[1]
     warmup, steps, rounds = (int(a) for a in argv[2:5])
     channel = Channel()
