@@ -27,6 +27,9 @@ if __name__ == "__main__":
     import sys
 
     from vlm_sweep.config.validate import check_cli_overrides
+    from vlm_sweep.console import quiet_chatty_loggers
+
+    quiet_chatty_loggers()  # e.g. MLflow's "Creating initial database tables" when a sweep opens its store
 
     from pathlib import Path
 

@@ -50,6 +50,12 @@ def _disable_bars(module: str, env_var: str, disable: Callable[[Any], None]) -> 
         os.environ.setdefault(env_var, "1")
 
 
+def quiet_chatty_loggers() -> None:
+    """Routine INFO chatter of third-party loggers off (light: imports nothing; safe before Hydra)."""
+    for name in KNOWN_CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def silence_known_noise(tty: Optional[bool] = None) -> None:
     """Filter the known third-party warnings, INFO chatter and progress bars at their source (idempotent).
 
@@ -63,8 +69,7 @@ def silence_known_noise(tty: Optional[bool] = None) -> None:
     _silenced = True
     for category, message in KNOWN_NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for name in KNOWN_CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_chatty_loggers()
     _disable_bars("datasets", "HF_DATASETS_DISABLE_PROGRESS_BARS", lambda m: m.disable_progress_bars())
     if not (is_tty() if tty is None else tty):
         # transformers reads the hub's setting when it is imported.
