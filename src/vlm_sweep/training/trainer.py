@@ -266,6 +266,13 @@ class Trainer:
             while self.step < steps.max_steps:
                 try:
                     stats = self.train_step()
+                except RuntimeError as err:  # a stop signal to the whole job also ends the DataLoader workers
+                    if not self._stopping(stopper, err):
+                        raise
+                    log.warning("signal %s received: exiting; the run resumes from its last checkpoint",
+                                stopper.received)
+                    self.stop_signal = stopper.received
+                    return "KILLED"
                 except StoppedWhileReading:
                     log.warning("signal %s received while reading data: exiting; the run resumes from "
                                 "its last checkpoint", stopper.received)
@@ -287,6 +294,16 @@ class Trainer:
             progress.close()
             self.flops.close()
         return "FINISHED"
+
+    @staticmethod
+    def _stopping(stopper: StopSignal, err: BaseException, wait_s: float = 3.0) -> bool:
+        """Whether ``err`` is a DataLoader worker ended by the stop signal the main process got too."""
+        if "DataLoader worker" not in str(err) and not isinstance(err, StoppedWhileReading):
+            return stopper.received is not None and isinstance(err, StoppedWhileReading)
+        deadline = time.monotonic() + wait_s  # the signal may reach this process a moment later
+        while stopper.received is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return stopper.received is not None
 
     def _after_step(self, stats: StepStats, window: LogWindow, stopper: StopSignal,
                     progress: Any) -> Tuple[bool, bool]:
