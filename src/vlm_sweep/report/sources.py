@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-from vlm_sweep.sweep.job import STATUS_FILE, throughput_from_rows
+from vlm_sweep.sweep.job import STATUS_FILE, read_metrics, throughput_from_rows
 from vlm_sweep.sweep.job import job_dirs as list_job_dirs
 from vlm_sweep.report.model import (Curve, Job, Sweep, mean, parse_overrides,
                                     split_override_dirname)
@@ -51,21 +51,6 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return None
-
-
-def _read_metrics(path: Path) -> List[Dict[str, Any]]:
-    """Rows of metrics.jsonl; a torn last line (killed mid-write) is skipped, not fatal."""
-    rows: List[Dict[str, Any]] = []
-    if not path.exists():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-            rows.append(row)
-    return rows
 
 
 def _curve(rows: Iterable[Dict[str, Any]], key: str) -> Curve:
@@ -120,7 +105,7 @@ def load_job_dir(job_dir: Path) -> Job:
     status = _read_json(job_dir / STATUS_FILE)
     has_status = status is not None
     status = status or {}
-    rows = _read_metrics(job_dir / "metrics.jsonl")
+    rows = [r for r in read_metrics(job_dir) if isinstance(r.get("step"), (int, float))]
     overrides = _job_overrides(job_dir, status)
     evals = {k: float(v) for row in rows for k, v in row.items()
              if k.startswith("eval/") and _float(v) is not None}
