@@ -15,7 +15,7 @@ import torch
 import transformers
 from PIL import Image
 
-from vlm_sweep.models.tiny import MARKER, RECIPE_VERSION, TINY_RECIPES, build_tiny_model
+from vlm_sweep.models.tiny import MARKER, RECIPE_VERSION, build_tiny_model, known_recipes
 
 EXPECTED = {
     "gemma3": dict(
@@ -94,7 +94,7 @@ def _find(seq: list[int], sub: list[int]) -> int:
 def test_unknown_recipe_lists_known(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="gemma3.*qwen2_5_vl"):
         build_tiny_model("llama", tmp_path / "x")
-    assert set(TINY_RECIPES) == set(RECIPES) | {"nemotron_vl"}  # nemotron_vl: tests/test_nemotron.py
+    assert set(known_recipes()) == set(RECIPES) | {"nemotron_vl"}  # nemotron_vl: tests/test_nemotron.py
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -330,3 +330,48 @@ def test_concurrent_builds_share_one_directory(tmp_path: Path) -> None:
     assert (target / MARKER).is_file()
     assert [p.name for p in target.parent.iterdir()] == ["qwen"], "temporary build directory left behind"
     assert type(transformers.AutoProcessor.from_pretrained(target)).__name__ == "Qwen2_5_VLProcessor"
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Every module an ``import`` in ``path`` can load (for ``from a import b``: ``a`` and ``a.b``), made absolute."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the package (all modules here sit at its top level)
+                parent = package.rsplit(".", node.level - 1)[0]
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_tiny_builders_are_found_by_name_and_import_no_other_family() -> None:
+    """Adding a family is one new module: the recipe names come from the package, and no module (common, __init__,
+    another family) imports a family module, so there is no import cycle and no table to edit."""
+    import vlm_sweep.models.tiny as package
+
+    root, families = Path(package.__file__).parent, known_recipes()
+    assert {"gemma3", "qwen2_5_vl", "nemotron_vl"} <= set(families)
+    modules = sorted(root.glob("*.py"))
+    assert {p.stem for p in modules} == set(families) | {"__init__", "common"}
+    for path in modules:
+        imported = _imported_modules(path, package.__name__)
+        others = {f"{package.__name__}.{f}" for f in families if f != path.stem}
+        hits = {name for name in imported if any(name == o or name.startswith(o + ".") for o in others)}
+        assert not hits, f"{path.name} imports another family's builder: {sorted(hits)}"
+    for family in families:
+        assert callable(__import__(f"{package.__name__}.{family}", fromlist=["build"]).build), family
+
+
+def test_every_model_yaml_tiny_recipe_has_a_builder() -> None:
+    """conf/model/*.yaml name their tiny builder by module name; a typo would only surface at launch time."""
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model"
+    recipes = {OmegaConf.load(p).get("tiny_recipe") for p in conf.glob("*.yaml")} - {None}
+    assert recipes and recipes <= set(known_recipes())

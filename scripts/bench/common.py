@@ -64,7 +64,7 @@ def compose(overrides: Sequence[str] = ()) -> Any:
 def build_gemma3_30m(output_dir: Path) -> Path:
     """A ~30M Gemma 3 built like tiny_gemma3 (same recipe, wider/deeper text config), once.
 
-    tiny.build_gemma3 has fixed sizes, so the config is widened here from the tiny build's own
+    models.tiny.gemma3.build has fixed sizes, so the config is widened here from the tiny build's own
     Gemma3Config and saved with its processor; the run then loads it through the normal path.
     Called by the parent process before it starts the workers that load it.
     """
@@ -73,18 +73,18 @@ def build_gemma3_30m(output_dir: Path) -> Path:
         return output_dir
     from transformers import AutoConfig, AutoProcessor, Gemma3Config, Gemma3ForConditionalGeneration, GenerationConfig
 
-    from vlm_sweep.models import tiny
+    from vlm_sweep.models.tiny import common as tiny
 
     source = tiny.build_tiny_model("gemma3", CACHE / "models" / "tiny_gemma3")
     data = AutoConfig.from_pretrained(source).to_dict()
     data["text_config"] = {**data["text_config"], **GEMMA3_30M_TEXT}
     config = Gemma3Config.from_dict(data)
 
-    def trained_projector(model: Any) -> None:  # as tiny.build_gemma3 does
+    def trained_projector(model: Any) -> None:  # as models.tiny.gemma3.build does
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=config.initializer_range)
-        tiny._pretrained_like_embeddings(model)
+        tiny.pretrained_like_embeddings(model)
 
-    model = tiny._init_model(Gemma3ForConditionalGeneration, config, trained_projector)
+    model = tiny.init_model(Gemma3ForConditionalGeneration, config, trained_projector)
     model.generation_config = GenerationConfig.from_pretrained(source)
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

@@ -6,6 +6,7 @@ follow the hub model's, since they decide label masking and stopping: ``<SPECIAL
 ``<SPECIAL_11>Assistant`` turns closed by ``\\n<SPECIAL_12>\\n``, ``<think>`` tags opening the final answer, ``<s>``
 added in front, no pad token, and ``<image>`` / ``<video>`` placeholders that the processor expands into
 ``<img><image>...</img>`` runs. Mamba runs on the PyTorch path: mamba_ssm / causal_conv1d are not needed.
+The tokenizer (``PreTrainedTokenizerFast``) is loaded from tokenizer.json as saved, so its pipeline is free here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from vlm_sweep.models.tiny import EMBED_STD, _corpus, _init_model, _pretrained_like_embeddings, _save, _train_bpe
+from vlm_sweep.models.tiny.common import (
+    EMBED_STD,
+    init_model,
+    pretrained_like_embeddings,
+    save,
+    train_bpe,
+    training_corpus,
+)
 
 # Nemotron Nano V2's chat template, reduced to what a VLM conversation uses (no tools). Multimodal content lists render
 # as <image>/<video> placeholders, one per line, before the text.
@@ -90,7 +98,8 @@ NEMOTRON_THINK = ["<think>", "</think>"]
 NEMOTRON_MEDIA = ["<image>", "<img>", "</img>", "<video>"]
 # Hybrid pattern "M-*-" (the 12B repeats Mamba2/MLP pairs with an attention layer every few blocks).
 NEMOTRON_LAYERS = ["linear_attention", "mlp", "full_attention", "mlp"]
-# Mistral-NeMo ("tekken") style split (transformers flags the hub tokenizer as using Mistral's regex): letter runs, single digits, punctuation runs, newline runs.
+# Mistral-NeMo ("tekken") style split (transformers flags the hub tokenizer as using Mistral's regex): letter runs,
+# single digits, punctuation runs, newline runs.
 NEMOTRON_PRETOKENIZE_REGEX = (
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
@@ -100,11 +109,11 @@ NEMOTRON_PRETOKENIZE_REGEX = (
 
 def _nemotron_corpus() -> Iterator[str]:
     """The shared corpus plus Nemotron's turn headers, so 'System' / 'User' / 'Assistant' are single tokens."""
-    for i, line in enumerate(_corpus()):
+    for i, line in enumerate(training_corpus()):
         yield f"{('System', 'User', 'Assistant')[i % 3]}\n{line}"
 
 
-def _nemotron_tokenizer() -> PreTrainedTokenizerFast:
+def tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE with a tekken-style split, adding ``<s>`` in front like the hub tokenizer.
 
     Training also isolates '\\n', so no merge ever glues a newline to text: the answer's last token and the
@@ -114,7 +123,7 @@ def _nemotron_tokenizer() -> PreTrainedTokenizerFast:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), split, byte_level])
-    learned, merges = _train_bpe(trainer_tok, vocab_size=2000, corpus=_nemotron_corpus(),
+    learned, merges = train_bpe(trainer_tok, vocab_size=2000, corpus=_nemotron_corpus(),
                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokens = NEMOTRON_SPECIALS + [t for t, _ in sorted(learned.items(), key=lambda kv: kv[1])]
     tokens += NEMOTRON_THINK + NEMOTRON_MEDIA
@@ -140,7 +149,7 @@ def _pretrained_like(model: PreTrainedModel) -> None:
     projector shrinks RADIO features to ~1/50 of a text embedding: images would barely reach the LM and the vision
     model would get almost no gradient, unlike a trained checkpoint.
     """
-    _pretrained_like_embeddings(model)
+    pretrained_like_embeddings(model)
     model.language_model.get_output_embeddings().weight.normal_(std=EMBED_STD)
     projector = model.multi_modal_projector
     projector.linear_1.weight.normal_(std=projector.linear_1.in_features ** -0.5)
@@ -148,16 +157,16 @@ def _pretrained_like(model: PreTrainedModel) -> None:
     projector.linear_2.weight.normal_(std=EMBED_STD / (1.2 * projector.linear_2.in_features ** 0.5))
 
 
-def build_nemotron_vl(output_dir: Path) -> None:
+def build(output_dir: Path) -> None:
     """Nemotron Nano VL: RADIO (2 layers) + projector + Nemotron-H "M-*-" (Mamba2, MLP, attention, MLP).
 
     A 64x64 image is 4x4 RADIO patches of 16 px -> 2x2 after pixel shuffle = 4 image tokens; images are capped at
     64 patches (16 tokens), video frames target 16 patches and pack 2 frames per tubelet.
     """
-    tokenizer = _nemotron_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in NEMOTRON_SPECIALS + NEMOTRON_MEDIA}
+    tok = tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in NEMOTRON_SPECIALS + NEMOTRON_MEDIA}
     text_config = NemotronHConfig(
-        vocab_size=len(tokenizer), hidden_size=64, layers_block_type=NEMOTRON_LAYERS,
+        vocab_size=len(tok), hidden_size=64, layers_block_type=NEMOTRON_LAYERS,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
         mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=64,
         max_position_embeddings=4096, tie_word_embeddings=False,
@@ -172,15 +181,15 @@ def build_nemotron_vl(output_dir: Path) -> None:
         downsample_ratio=0.5, video_temporal_patch_size=2,
         image_token_id=ids["<image>"], video_token_id=ids["<video>"],
     )
-    model = _init_model(NemotronH_Omni_Reasoning_V3, config, _pretrained_like)
+    model = init_model(NemotronH_Omni_Reasoning_V3, config, _pretrained_like)
     processor = NemotronH_Omni_Reasoning_V3Processor(
         image_processor=NemotronH_Omni_Reasoning_V3ImageProcessor(min_num_patches=16, max_num_patches=64),
         video_processor=NemotronH_Omni_Reasoning_V3VideoProcessor(
             norm_mean=list(OPENAI_CLIP_MEAN), norm_std=list(OPENAI_CLIP_STD), video_target_num_patches=16),
-        tokenizer=tokenizer,
+        tokenizer=tok,
         feature_extractor=ParakeetFeatureExtractor(),  # the class requires its audio part; no audio tower here
         chat_template=NEMOTRON_VL_CHAT_TEMPLATE,
     )
     generation = GenerationConfig(bos_token_id=ids["<s>"], pad_token_id=ids["<unk>"],
                                   eos_token_id=[ids["</s>"], ids["<SPECIAL_12>"]])
-    _save(output_dir, model, processor, generation)
+    save(output_dir, model, processor, generation)
