@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	@run_dir=outputs/demo/$$(date +%Y-%m-%d_%H-%M-%S); \
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) launch.py hydra.run.dir=$$run_dir && \
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m vlm_sweep.evaluate --checkpoint-path $$run_dir --compare-base
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m vlm_sweep.cli.evaluate --checkpoint $$run_dir --compare-base
 
 test: install
 	$(PY) -m pytest -q

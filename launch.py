@@ -18,7 +18,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from vlm_sweep.cli import run_job
+    from vlm_sweep.cli.train import run_job
 
     return run_job(cfg)
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import CACHE
-from vlm_sweep.data import fixtures
+from vlm_sweep.data import fixture_parts
 from vlm_sweep.data.collate import VLMCollator
 from vlm_sweep.data.datasets import BadRecordError, Sample
 from vlm_sweep.data.media import load_video_frames
@@ -27,7 +27,7 @@ def _processor(family: str):
 
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory):
-    clip = fixtures.write_video(tmp_path_factory.mktemp("video") / "clip.mp4", num_frames=16, fps=8)
+    clip = fixture_parts.write_video(tmp_path_factory.mktemp("video") / "clip.mp4", num_frames=16, fps=8)
     return load_video_frames(clip, num_frames=4)
 
 

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 from conftest import compose
-from vlm_sweep.data import fixtures
+from vlm_sweep.data import fixture_parts
 from vlm_sweep.data.collate import IGNORE_INDEX, VLMCollator
 from vlm_sweep.data.datasets import ConversationDataset, Sample, load_split
 from vlm_sweep.data.formats import assistant_texts
+from vlm_sweep.data.sets import get_spec
 from vlm_sweep.data.media import load_video_frames
 
 
@@ -34,7 +35,7 @@ def qwen(qwen_dir):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
-    return fixtures.write_video(tmp_path_factory.mktemp("video") / "clip.mp4", num_frames=16, fps=8)
+    return fixture_parts.write_video(tmp_path_factory.mktemp("video") / "clip.mp4", num_frames=16, fps=8)
 
 
 def _image(i: int, size=(200, 150)) -> Image.Image:
@@ -119,7 +120,7 @@ def test_qwen_video_frames_as_a_numpy_array(qwen):
 
 
 def test_max_pixels_gives_fewer_image_and_video_tokens(qwen, tmp_path):
-    frames = load_video_frames(fixtures.write_video(tmp_path / "big.mp4", size=128), num_frames=4)
+    frames = load_video_frames(fixture_parts.write_video(tmp_path / "big.mp4", size=128), num_frames=4)
     samples = [_sample("big", "answer", images=1, video=frames)]
     default = VLMCollator(qwen, 4096)(samples)
     budget = 56 * 56  # the tiny processor's min_pixels; its default max is 112 x 112
@@ -156,7 +157,7 @@ def llava(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_cache"))
-        root = fixtures.write_llava_video(tmp_path_factory.mktemp("llava"))
+        root = get_spec("llava_video_178k").write_fixture(tmp_path_factory.mktemp("llava"))
         cfg = compose(["dataset=llava_video_178k", f"dataset.path={root}", "dataset.num_frames=4"]).dataset
         yield ConversationDataset(load_split(cfg, "open_ended"), cfg, "open_ended")
 
@@ -178,7 +179,7 @@ def test_llava_micro_batches_label_every_answer_of_multi_turn_records(llava, qwe
 def test_raven_rows_keep_their_images_in_order_through_gemma(gemma, tmp_path):
     import datasets
 
-    cfg = compose(["dataset=raven", f"dataset.path={fixtures.write_raven(tmp_path)}",
+    cfg = compose(["dataset=raven", f"dataset.path={get_spec('raven').write_fixture(tmp_path)}",
                    "dataset.carve_val_fraction=0.2"]).dataset
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")

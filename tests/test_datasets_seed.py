@@ -19,11 +19,13 @@ from PIL import Image as PILImage
 
 from conftest import ROOT, compose
 from vlm_sweep.config.validate import ConfigError, validate_config
-from vlm_sweep.data import fixtures
+from vlm_sweep.data import fixture_parts
 from vlm_sweep.data.datasets import BadRecordError, ConversationDataset, build_datasets, carve_rows, load_split
-from vlm_sweep.data.formats import RECORD_FORMATS, assistant_texts, strip_placeholders
+from vlm_sweep.data.formats import assistant_texts
+from vlm_sweep.data.sets import get_spec
+from vlm_sweep.data.sets import llava_video_178k as llava_set, raven as raven_set
+from vlm_sweep.data.sets.llava_video_178k import strip_placeholders
 from vlm_sweep.data.media import MediaError, frame_indices, load_video_frames, shrink_image
-from vlm_sweep.metrics.tasks import TASK_METRICS
 from vlm_sweep.metrics.vqa import choice_scores, free_text_scores, option_letter, token_f1
 
 
@@ -39,22 +41,22 @@ def datasets_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def medpix_dir(tmp_path_factory) -> Path:
-    return fixtures.write_medpix_vqa(tmp_path_factory.mktemp("medpix"))
+    return get_spec("medpix_vqa").write_fixture(tmp_path_factory.mktemp("medpix"))
 
 
 @pytest.fixture(scope="module")
 def raven_dir(tmp_path_factory) -> Path:
-    return fixtures.write_raven(tmp_path_factory.mktemp("raven"))
+    return get_spec("raven").write_fixture(tmp_path_factory.mktemp("raven"))
 
 
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory) -> Path:
-    return fixtures.write_llava_video(tmp_path_factory.mktemp("llava"))
+    return get_spec("llava_video_178k").write_fixture(tmp_path_factory.mktemp("llava"))
 
 
 @pytest.fixture(scope="module")
 def custom_file(tmp_path_factory) -> Path:
-    return fixtures.write_custom(tmp_path_factory.mktemp("custom"))
+    return get_spec("custom").write_fixture(tmp_path_factory.mktemp("custom"))
 
 
 def _cfg(name: str, path: Path, *extra: str):
@@ -117,15 +119,15 @@ def test_raven_drops_incomplete_rows_and_counts_them(raven_dir, caplog):
     cfg = _cfg("raven", raven_dir, "dataset.carve_val_fraction=0.2")
     with caplog.at_level(logging.WARNING, logger="vlm_sweep.data.datasets"):
         built = build_datasets(cfg)
-    kept = 24 - fixtures.RAVEN_INCOMPLETE_ROWS
+    kept = 24 - raven_set.INCOMPLETE_ROWS
     assert len(built["train"]) + len(built["validation"]) == kept
     assert len(built["validation"]) == round(kept * 0.2)
-    assert f"raven/train: dropped {fixtures.RAVEN_INCOMPLETE_ROWS} of 24 rows" in caplog.text
+    assert f"raven/train: dropped {raven_set.INCOMPLETE_ROWS} of 24 rows" in caplog.text
 
 
 def test_raven_turns_are_every_image_in_order_then_the_question(raven_dir):
     cfg = _cfg("raven", raven_dir, "dataset.carve_val_fraction=0.2")
-    complete = _raven_rows(raven_dir)[: 24 - fixtures.RAVEN_INCOMPLETE_ROWS]
+    complete = _raven_rows(raven_dir)[: 24 - raven_set.INCOMPLETE_ROWS]
     train_rows, val_rows = carve_rows(len(complete), 0.2, seed=0)
     built = build_datasets(cfg)
     for role, rows in (("train", train_rows), ("validation", val_rows)):
@@ -170,9 +172,9 @@ def test_carving_config_rules():
 
 
 def _llava_records(llava_dir: Path) -> list:
-    subset = llava_dir / fixtures.LLAVA_SUBSET
+    subset = llava_dir / llava_set.SUBSET
     return [r for kind in ("oe", "mc") for r in
-            json.loads((subset / f"{fixtures.LLAVA_SUBSET}_{kind}_qa_processed.json").read_text())]
+            json.loads((subset / f"{llava_set.SUBSET}_{kind}_qa_processed.json").read_text())]
 
 
 def test_llava_video_converts_turns_strips_markers_and_samples_frames(llava_dir):
@@ -213,7 +215,7 @@ def test_missing_video_is_an_error_naming_the_path(llava_dir, tmp_path):
 
     copy = tmp_path / "llava"
     shutil.copytree(llava_dir, copy)
-    missing = copy / fixtures.LLAVA_SUBSET / _llava_records(llava_dir)[0]["video"]
+    missing = copy / llava_set.SUBSET / _llava_records(llava_dir)[0]["video"]
     missing.unlink()
     cfg = _cfg("llava_video_178k", copy)
     dataset = ConversationDataset(load_split(cfg, "open_ended"), cfg, "open_ended")
@@ -231,7 +233,7 @@ def test_missing_video_is_an_error_naming_the_path(llava_dir, tmp_path):
 def test_seeking_decoder_returns_exactly_the_frames_a_full_decode_gives(tmp_path):
     import av
 
-    path = fixtures.write_video(tmp_path / "clip.mp4", num_frames=40, seed=3)
+    path = fixture_parts.write_video(tmp_path / "clip.mp4", num_frames=40, seed=3)
     with av.open(str(path)) as container:
         every = [frame.to_image() for frame in container.decode(container.streams.video[0])]
     for num_frames in (1, 5, 40):
@@ -287,22 +289,18 @@ def test_custom_directory_and_bad_media_path(custom_file, tmp_path):
 # ---------------------------------------------------------------- task metrics
 
 
-def test_every_record_format_has_a_task_metric():
-    assert set(RECORD_FORMATS) <= set(TASK_METRICS)
-
-
 def test_free_text_metrics_on_hand_made_cases():
     assert free_text_scores(["The lesion."], ["lesion"]) == {"exact_match": 1.0, "token_f1": 1.0}
     assert token_f1("a large mass in the liver", "mass in liver") == pytest.approx(2 * 1 * 0.75 / 1.75)
     assert free_text_scores(["no", "left lung"], ["yes", "right lung"]) == pytest.approx(
         {"exact_match": 0.0, "token_f1": 0.25})
-    assert TASK_METRICS["medpix_vqa"](["Axial CT"], ["axial ct"])["exact_match"] == 1.0
+    assert get_spec("medpix_vqa").metric(["Axial CT"], ["axial ct"])["exact_match"] == 1.0
 
 
 def test_choice_metrics_on_hand_made_cases():
     assert [option_letter(t) for t in ("B", "(C)", "D.", "E. a dog", "Answer: F", "I think the answer is G",
                                        "A man rides a bike")] == ["B", "C", "D", "E", "F", "G", None]
-    raven = TASK_METRICS["raven"]
+    raven = get_spec("raven").metric
     assert raven(["Answer: B", "C", "the answer is (D)", "nothing"], ["Answer: B", "Answer: D", "Answer: D",
                                                                         "Answer: A"]) == {"accuracy": 0.5}
     scores = choice_scores(["B", "c.", "The man runs", "a dog"], ["B.", "C. the ball", "the man runs.", "a cat"])
@@ -323,7 +321,7 @@ E2E = {  # data set -> (model, media given to the generate CLI)
 def _media_args(kinds: list, tmp_path: Path) -> list:
     image = tmp_path / "probe.png"
     PILImage.new("RGB", (40, 30), (200, 40, 40)).save(image)
-    video = fixtures.write_video(tmp_path / "probe.mp4")
+    video = fixture_parts.write_video(tmp_path / "probe.mp4")
     return [arg for kind in kinds for arg in (kind, str(image if kind == "--image" else video))]
 
 
@@ -333,7 +331,7 @@ def test_tiny_model_trains_resumes_and_generates(name, tmp_path):
     from vlm_sweep.train import run
 
     model, media = E2E[name]
-    path = fixtures.WRITERS[name](tmp_path / "data")
+    path = get_spec(name).write_fixture(tmp_path / "data")
     overrides = [f"model={model}", f"dataset={name}", f"dataset.path={path}", "tracking=none",
                  "step_scheduler.ckpt_every_steps=2", "step_scheduler.val_every_steps=2", "eval.every_steps=2",
                  "eval.num_samples=2", "eval.max_new_tokens=16", "dataset.max_val_samples=2",

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import compose
 from vlm_sweep.data.synthetic_receipts import generate_synthetic_receipts
-from vlm_sweep.evaluate import main as evaluate
+from vlm_sweep.cli.evaluate import main as evaluate
 from vlm_sweep.train import run
 
 

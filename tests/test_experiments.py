@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, compose, run_launch
 from vlm_sweep.config.validate import validate_config
-from vlm_sweep.data import fixtures
+from vlm_sweep.data.sets import all_specs, get_spec
 from vlm_sweep.train import run
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -84,7 +84,7 @@ def test_hub_experiment_fails_fast_offline(tmp_path, experiment, hub_id):
 @pytest.fixture(scope="module")
 def fixture_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fixtures")
-    return {name: writer(root / name) for name, writer in fixtures.WRITERS.items()}
+    return {name: spec.write_fixture(root / name) for name, spec in all_specs().items()}
 
 
 @pytest.mark.slow
@@ -107,7 +107,7 @@ def test_tiny_twin_trains(name, fixture_dirs, tmp_path):
 def test_ddp_with_batches_that_have_no_image(tmp_path):
     """Rows cycle image / two images / multi-turn / text-only: under DDP some ranks' batches carry
     no image while the vision side trains; the gradient all-reduce must still line up."""
-    data = fixtures.write_custom(tmp_path / "custom", num_rows=8, with_video=False)
+    data = get_spec("custom").write_fixture(tmp_path / "custom", num_rows=8, with_video=False)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29551",
          str(ROOT / "launch.py"), "parallel=ddp", f"hydra.run.dir={tmp_path / 'run'}", "dataset=custom",

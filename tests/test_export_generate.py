@@ -13,8 +13,8 @@ import torch
 from conftest import ROOT, compose
 from vlm_sweep.data.collate import VLMCollator
 from vlm_sweep.data.datasets import Sample
-from vlm_sweep.export import export_checkpoint
-from vlm_sweep.inference import load_for_inference
+from vlm_sweep.inference.export import export_checkpoint
+from vlm_sweep.inference.load import load_for_inference
 from vlm_sweep.train import run
 
 TRAIN = ["tracking=none", "eval=none", "step_scheduler.max_steps=12", "step_scheduler.ckpt_every_steps=12",

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import CACHE, ROOT
-from vlm_sweep.data.fixtures import write_video
+from vlm_sweep.data.fixture_parts import write_video
 from vlm_sweep.models.registry import get_family
 from vlm_sweep.models.tiny import build_tiny_model
 

@@ -1,7 +1,7 @@
 """Nemotron Nano V2 VL: the tiny stand-in, its registry entry, the guide's LoRA/freeze settings, the full path.
 
 The tiny model is transformers' native ``nemotron_h_omni`` (RADIO + pixel-shuffle projector + hybrid Mamba2/attention
-Nemotron-H LM) with Nemotron Nano V2's tokenizer conventions and chat template; see vlm_sweep.models.tiny_nemotron.
+Nemotron-H LM) with Nemotron Nano V2's tokenizer conventions and chat template; see vlm_sweep.models.tiny.nemotron_vl.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def test_video_inputs_through_the_processor(plain):
 
 
 def test_left_padded_batch_generates_like_single_prompts(framework):
-    from vlm_sweep.generation import SamplingConfig, generate
+    from vlm_sweep.inference.generate import SamplingConfig, generate
 
     model, processor = framework
     model.eval()
@@ -378,7 +378,7 @@ def test_generate_cli_with_image_and_video(nemotron_run, media, tmp_path):
 
 @pytest.mark.slow
 def test_merged_export_matches_the_framework_model(nemotron_run, media, tmp_path):
-    from vlm_sweep.inference import load_for_inference
+    from vlm_sweep.inference.load import load_for_inference
 
     out = tmp_path / "merged"
     _cli("vlm_sweep.export", "--checkpoint", str(nemotron_run), "--output", str(out), "--merge-lora")
@@ -396,7 +396,7 @@ def test_merged_export_matches_the_framework_model(nemotron_run, media, tmp_path
 
 
 def test_checkpoint_model_keeps_fully_trained_vision_weights(nemotron_run):
-    from vlm_sweep.inference import load_for_inference
+    from vlm_sweep.inference.load import load_for_inference
 
     step = nemotron_run / "checkpoints" / "step_6"
     trained = torch.load(step / "training_state" / "trainable.pt", weights_only=True)

@@ -17,7 +17,7 @@ import transformers
 
 from conftest import ROOT, compose
 from vlm_sweep.config.validate import ConfigError
-from vlm_sweep.data import fixtures
+from vlm_sweep.data.sets import get_spec
 from vlm_sweep.data.collate import VLMCollator
 from vlm_sweep.data.datasets import BadRecordError, build_datasets
 from vlm_sweep.data.formats import assistant_texts
@@ -101,7 +101,7 @@ _RECORD_0, _RECORD_2 = r"custom/train\[0\]( \([^)]*:1\))?: ", r"custom/train\[2\
 
 
 def _custom(tmp_path: Path, with_video: bool, num_rows: int) -> Path:
-    return fixtures.write_custom(tmp_path / "custom", num_rows=num_rows, with_video=with_video)
+    return get_spec("custom").write_fixture(tmp_path / "custom", num_rows=num_rows, with_video=with_video)
 
 
 def _custom_overrides(path: Path, model: str = "tiny_gemma3", *extra: str) -> list:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image as PILImage
 
 from conftest import compose
-from vlm_sweep.data import fixtures
+from vlm_sweep.data.sets import get_spec
 from vlm_sweep.data.datasets import (BadRecordError, DatasetLoadError, build_datasets, carve_rows,
                                      load_split)
 
@@ -83,7 +83,7 @@ def test_a_bad_record_after_carving_is_named_by_its_file_line(tmp_path):
 
 
 def test_carved_and_filtered_hub_rows_are_named_by_their_source_row(tmp_path):
-    root = fixtures.write_raven(tmp_path / "raven")
+    root = get_spec("raven").write_fixture(tmp_path / "raven")
     parquet = root / "raven" / "train-00000-of-00001.parquet"
     table = pq.read_table(parquet)
     # Put an incomplete row (the fixture writes them last) first: every complete row moves when it is dropped.

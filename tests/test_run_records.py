@@ -64,9 +64,9 @@ def test_refused_resume_changes_no_record_and_failures_are_failed_everywhere(tmp
 @pytest.mark.slow
 def test_handled_error_marks_the_run_failed_in_status_and_mlflow(tmp_path, mlflow_uri):
     """A record that goes bad during training (exit 2) leaves FAILED in job_status and MLflow."""
-    from vlm_sweep.data.fixtures import write_custom
+    from vlm_sweep.data.sets import get_spec
 
-    data = write_custom(tmp_path / "data", num_rows=12, with_video=False)
+    data = get_spec("custom").write_fixture(tmp_path / "data", num_rows=12, with_video=False)
     run_dir = tmp_path / "run"
     images = sorted(data.parent.rglob("*.png"))
     images[-1].unlink()  # one image disappears: the run fails when it reaches that record

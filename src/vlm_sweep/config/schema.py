@@ -51,7 +51,7 @@ class DatasetConfig:
     """A data set: where it is, how a record becomes a conversation, and budgets."""
 
     name: str = MISSING
-    # Key into vlm_sweep.data.formats.RECORD_FORMATS (cord_v2, ...).
+    # A data set module's name: vlm_sweep.data.sets.<format> (cord_v2, ...).
     format: str = MISSING
     # Hub id (naver-clova-ix/cord-v2) or a local directory in the same schema.
     path: str = MISSING
@@ -62,7 +62,7 @@ class DatasetConfig:
     # The split that evaluation CLIs use by default.
     split: str = "test"
     prompt: str = "Describe this image."
-    # If set, the local directory `path` is generated once by this generator.
+    # If set, `path` is generated once by the format's fixture writer, with these keyword arguments.
     synthetic: Optional[Dict[str, Any]] = None
     # Token budget per sample; longer samples are bad records (never cut mid-image).
     max_length: int = 2048

@@ -46,7 +46,7 @@ def world_size() -> int:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first impossible value. Resolves interpolations."""
-    from vlm_sweep.data.formats import RECORD_FORMATS
+    from vlm_sweep.data.sets import all_specs
     from vlm_sweep.models.registry import MODEL_FAMILIES
 
     from omegaconf.errors import ConfigKeyError
@@ -73,7 +73,7 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, "model.attn_implementation",
             [None, "auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"])
 
-    _choice(cfg, "dataset.format", sorted(RECORD_FORMATS))
+    _choice(cfg, "dataset.format", sorted(all_specs()))
     _choice(cfg, "dataset.on_bad_record", ["error", "skip"])
     _where(cfg, "dataset.max_length", *positive)
     _where(cfg, "dataset.min_usable_fraction", lambda v: 0 <= v <= 1, "must be in [0, 1]")
@@ -184,9 +184,10 @@ def _check_missing(cfg: DictConfig) -> None:
 
 def _check_eval_metric(cfg: DictConfig, key: str, metric: str) -> None:
     """``eval/<name>`` must be a metric the data set's task metric reports."""
-    from vlm_sweep.metrics.tasks import TASK_METRIC_NAMES
+    from vlm_sweep.data.sets import all_specs
 
-    names = TASK_METRIC_NAMES.get(cfg.dataset.format, ())
+    spec = all_specs().get(cfg.dataset.format)
+    names = spec.metric_names if spec else ()
     _check(metric[len("eval/"):] in names, key,
            f"names no metric of dataset.format={cfg.dataset.format} (it reports "
            f"{', '.join('eval/' + n for n in names)})", metric)

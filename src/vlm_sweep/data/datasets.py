@@ -7,7 +7,7 @@ JSON, empty answer) raises ``BadRecordError`` naming it, or, with
 ``dataset.on_bad_record=skip``, yields ``None`` that the collator drops and counts.
 
 Splits are what the source has, narrowed in two generic steps: rows a format
-declares unusable (``formats.ROW_FILTERS``) are dropped and counted, and when
+declares unusable (its ``DatasetSpec.row_filter``) are dropped and counted, and when
 ``dataset.carve_val_fraction`` is set the validation split is carved out of the
 train split by a seeded permutation (the same rows on every run and in every CLI).
 
@@ -29,7 +29,8 @@ from vlm_sweep.errors import BadRecordError, DatasetLoadError  # noqa: F401 (re-
 from vlm_sweep.hub import download_hint, hub_offline, hub_reachable
 from vlm_sweep.data.json_source import bad_file_line, load_file, quiet_json_builder, root_cause
 from vlm_sweep.data.media import VideoFrames, shrink_image, to_rgb
-from vlm_sweep.data.formats import RECORD_FORMATS, ROW_FILTERS, Conversation, assistant_texts
+from vlm_sweep.data.formats import Conversation, assistant_texts
+from vlm_sweep.data.sets import get_spec
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,10 @@ class Sample:
 
 
 def ensure_local_data(dataset_cfg: Any) -> None:
-    """Generate a synthetic data set into ``dataset.path`` once, if configured."""
+    """Generate a synthetic data set into ``dataset.path`` once, if configured (the format's fixture)."""
     if not dataset_cfg.synthetic:
         return
-    from vlm_sweep.data.synthetic_receipts import generate_synthetic_receipts
-
-    generate_synthetic_receipts(dataset_cfg.path, **dict(dataset_cfg.synthetic))
+    get_spec(dataset_cfg.format).write_fixture(dataset_cfg.path, **dict(dataset_cfg.synthetic))
 
 
 def load_split(dataset_cfg: Any, split: str) -> Any:
@@ -125,7 +124,7 @@ def load_source_split(dataset_cfg: Any, split: str) -> Any:
 
 def drop_unusable_rows(hf_split: Any, record_format: str, where: str) -> Any:
     """Apply the format's row filter (if any) without decoding media; log how many rows went."""
-    rule = ROW_FILTERS.get(record_format)
+    rule = get_spec(record_format).row_filter
     if rule is None:
         return hf_split
     keep: List[bool] = []
@@ -179,7 +178,7 @@ class ConversationDataset:
 
     def __init__(self, hf_split: Any, dataset_cfg: Any, split: str) -> None:
         self.hf_split = hf_split
-        self.to_conversation = RECORD_FORMATS[dataset_cfg.format]
+        self.to_conversation = get_spec(dataset_cfg.format).to_conversation
         self.cfg = dataset_cfg
         self.name = f"{dataset_cfg.name}/{source_split(dataset_cfg, split)}"
         self.skip_bad = dataset_cfg.on_bad_record == "skip"

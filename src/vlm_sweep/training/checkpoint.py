@@ -188,7 +188,7 @@ def _write_main_files(tmp: Path, unwrapped: Any, processor: Any, optimizer_state
     torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     if checkpoint_cfg.save_consolidated and hasattr(unwrapped, "peft_config"):
-        from vlm_sweep.export import export_checkpoint
+        from vlm_sweep.inference.export import export_checkpoint
 
         export_checkpoint(str(tmp), str(tmp / "consolidated"), merge_lora=True)
     (state_dir / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))

@@ -215,8 +215,8 @@ class Trainer:
 
     def evaluate_generation(self) -> Dict[str, float]:
         """Generate on the eval records and score them with the task metric (``eval/<name>``)."""
-        from vlm_sweep.evaluation import evaluate_samples
-        from vlm_sweep.generation import SamplingConfig
+        from vlm_sweep.inference.generate import SamplingConfig
+        from vlm_sweep.inference.score import evaluate_samples
 
         ecfg = self.cfg.eval
         model = self.acc.unwrap_model(self.model)
