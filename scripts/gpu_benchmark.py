@@ -230,7 +230,7 @@ def run_overrides(spec: BenchModel, mode: str, checkpoint: Path, args: argparse.
 
 def summarise(rows: List[Dict[str, Any]], warmup: int, row: Row) -> Row:
     """Time-weighted means over the steps after ``warmup`` (every step is logged: one window each)."""
-    from vlm_sweep.sweep.job import training_seconds
+    from vlm_sweep.records import training_seconds
 
     measured = [r for r in rows if isinstance(r.get("step"), int) and r["step"] > warmup
                 and r.get("tokens_per_s")]
@@ -272,7 +272,7 @@ def run_one(spec: BenchModel, name: str, mode: str, checkpoint: Path, args: argp
     row.seconds = time.perf_counter() - started
     if result.status != "FINISHED":
         raise RuntimeError(f"run ended {result.status} at step {result.step}")
-    from vlm_sweep.sweep.job import read_metrics
+    from vlm_sweep.records import read_metrics
 
     return summarise(read_metrics(run_dir), min(args.warmup, args.steps - 1), row)
 

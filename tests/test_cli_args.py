@@ -62,10 +62,10 @@ def test_a_missing_checkpoint_is_one_line_and_exit_2(module, tmp_path):
 
 def test_evaluate_composes_from_the_installed_package_not_the_working_directory(tmp_path, monkeypatch):
     from vlm_sweep.config.paths import conf_dir
-    from vlm_sweep.inference.score import compose_config
+    from vlm_sweep.config.compose import compose_eval_config
 
     monkeypatch.chdir(tmp_path)  # nowhere near a conf/
     assert (conf_dir() / "config.yaml").is_file()
     assert conf_dir() == (ROOT / "conf").resolve()  # a source checkout: the repository's own tree
-    cfg = compose_config(["dataset.split=test"], {"dataset": {"name": "synthetic_receipts"}})
+    cfg = compose_eval_config(["dataset.split=test"], {"dataset": {"name": "synthetic_receipts"}})
     assert (cfg.dataset.name, cfg.dataset.split) == ("synthetic_receipts", "test")

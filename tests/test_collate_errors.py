@@ -1,5 +1,5 @@
 """A record the processor cannot take is a one-line BadRecordError naming it (or skipped, logged and counted under
-skip); records that only fail together say to use micro_batch_size=1; skipped over-long records are logged."""
+skip); skipped over-long records are logged."""
 
 from __future__ import annotations
 
@@ -55,19 +55,6 @@ def test_a_record_the_processor_cannot_take_is_named_or_skipped(frames, caplog):
     assert batch["record_ids"] == ["data/train[0]"] and batch["num_skipped"] == 2
     assert batch["input_ids"].shape[0] == 1 and "labels" in batch
     assert "skipping bad record: data/train[7] (train.jsonl:8)" in caplog.text
-
-
-def test_records_that_only_fail_together_say_to_use_micro_batch_size_1(frames):
-    nemotron = _processor("nemotron_vl")  # its processor takes one video per call
-    samples = [_sample(f"clips[{i}]", f"clip {i}", {"type": "video", "video": frames}) for i in range(2)]
-    collator = VLMCollator(nemotron, 4096, "skip")
-    for sample in samples:  # each works alone
-        assert collator([sample])["record_ids"] == [sample.record_id]
-    with pytest.raises(BadRecordError) as err:
-        collator(samples)
-    message = str(err.value)
-    assert "\n" not in message and "clips[0], clips[1] cannot be batched together" in message
-    assert message.endswith("set step_scheduler.micro_batch_size=1")
 
 
 def test_skipped_over_long_records_are_each_logged(caplog):

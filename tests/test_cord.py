@@ -9,7 +9,7 @@ import re
 import pytest
 from PIL import Image
 
-from vlm_sweep.data.cord import (
+from vlm_sweep.donut import (
     cord_record_to_conversation,
     json2token,
     parse_ground_truth,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from vlm_sweep.data.cord import json2token
+from vlm_sweep.donut import json2token
 from vlm_sweep.data.synthetic_receipts import _make_parse
 from vlm_sweep.metrics.cord import cord_scores, field_f1, flatten, normalize_dict, ted_accuracy
 

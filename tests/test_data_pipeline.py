@@ -14,7 +14,7 @@ import pytest
 from PIL import Image as PILImage
 
 from conftest import compose
-from vlm_sweep.data.cord import json2token
+from vlm_sweep.donut import json2token
 from vlm_sweep.data.datasets import (BadRecordError, ConversationDataset, DatasetLoadError,
                                      build_datasets, load_split)
 from vlm_sweep.data.sampler import ShardedIndexSampler

@@ -80,7 +80,7 @@ def _parts(turn: dict, kind: str) -> list:
 
 def test_medpix_loads_from_a_local_copy_and_converts_exactly(medpix_dir):
     cfg = _cfg("medpix_vqa", medpix_dir)
-    assert cfg.test_split is None and cfg.split == "validation"
+    assert cfg.split == "validation"
     built = build_datasets(cfg)
     for role, count in (("train", 12), ("validation", 4)):
         source = pq.read_table(medpix_dir / "data" / f"{role}-00000-of-00001.parquet").to_pylist()

@@ -127,16 +127,6 @@ def test_only_the_command_shims_import_the_cli_package(graph):
     assert not offenders, offenders
 
 
-# Cycles between parts that exist today, owned elsewhere in the reshaping (issue 11); each is
-# named by the module edges that close it. A part of one of these is tolerated; anything else fails.
-KNOWN_PART_CYCLES = [
-    {"report", "sweep"},  # sweep.callbacks -> report; report.sources -> sweep.job
-    # config.validate -> data.sets; data.preflight -> config.validate;
-    # data.sets.* -> metrics.{cord,vqa}; metrics.cord -> data.cord
-    {"config", "data", "metrics"},
-]
-
-
 def _part_cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
     units: Dict[str, Set[str]] = {}
     for module, deps in graph.items():
@@ -154,13 +144,6 @@ def test_no_import_cycles_between_modules(graph):
     assert not cycles, f"import cycles between modules: {_describe(cycles)}"
 
 
-def test_no_new_import_cycles_between_top_level_parts(graph):
-    new = [c for c in _part_cycles(graph) if not any(set(c) <= known for known in KNOWN_PART_CYCLES)]
-    assert not new, f"new import cycles between vlm_sweep's parts: {_describe(new)}"
-
-
-@pytest.mark.xfail(strict=True, reason="known cycles (KNOWN_PART_CYCLES): report <-> sweep, config <-> data <-> "
-                                       "metrics; when they are gone this passes: drop the mark and KNOWN_PART_CYCLES")
 def test_no_import_cycles_between_top_level_parts(graph):
     cycles = _part_cycles(graph)
     assert not cycles, f"import cycles between vlm_sweep's parts: {_describe(cycles)}"

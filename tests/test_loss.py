@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compose
-from vlm_sweep.training.loss import IGNORE_INDEX, labelled_positions, summed_token_loss
+from vlm_sweep.training.loss import IGNORE_INDEX, SMALL_LOGITS_BYTES, labelled_positions, summed_token_loss
 
 FAMILIES = ["tiny_gemma3", "tiny_qwen2_5_vl", "tiny_nemotron_vl"]
 
@@ -42,8 +42,9 @@ def test_labelled_positions_select_the_shifted_targets():
     assert targets.tolist() == [5, 6, 7, 8]
 
 
-@pytest.mark.parametrize("chunk_rows", [7, 100_000])
-def test_loss_and_gradients_equal_full_logits_loss(model_and_batch, chunk_rows):
+@pytest.mark.parametrize("chunk_rows, small_logits_bytes", [(7, 0), (100_000, 0), (7, SMALL_LOGITS_BYTES)],
+                         ids=["chunks", "one-checkpointed-chunk", "small-logits-at-once"])
+def test_loss_and_gradients_equal_full_logits_loss(model_and_batch, chunk_rows, small_logits_bytes):
     model, batch = model_and_batch
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad()
@@ -53,14 +54,16 @@ def test_loss_and_gradients_equal_full_logits_loss(model_and_batch, chunk_rows):
     expected_grads = [None if p.grad is None else p.grad.clone() for p in params]
     model.zero_grad()
     torch.manual_seed(1)
-    got = summed_token_loss(model, batch, chunk_rows=chunk_rows)
+    got = summed_token_loss(model, batch, chunk_rows=chunk_rows, small_logits_bytes=small_logits_bytes)
     got.backward()
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), (got, expected)
     assert any(g is not None for g in expected_grads)
     for p, g in zip(params, expected_grads):
         assert (p.grad is None) == (g is None)
         if g is not None:
-            assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+            # Relative to the tensor's scale: a summed loss has large gradients, and summation order
+            # (labelled rows vs every row through a tied head) moves the small entries by float noise.
+            assert (p.grad - g).abs().max() <= 1e-5 * g.abs().max() + 1e-7
 
 
 def test_no_label_batch_gives_zero_loss_with_a_graph(model_and_batch):

@@ -128,7 +128,8 @@ def test_missing_image_is_a_one_line_error_naming_the_record_or_counted_under_sk
 @pytest.mark.parametrize("model, outcome", [("tiny_gemma3", "no video"), ("tiny_qwen2_5_vl", "ok"),
                                             ("tiny_nemotron_vl", "one video conversation per call")])
 def test_video_records_against_each_family(model, outcome, tmp_path):
-    """Gemma 3 takes no video; Qwen batches videos; Nemotron's processor takes one video conversation per call."""
+    """Gemma 3 takes no video; Qwen batches videos; Nemotron's processor takes one video conversation per call
+    (which bounds generation batches only: training encodes one record per call)."""
     path = _custom(tmp_path, with_video=True, num_rows=5)  # row 2 is the video row
     family = get_family(compose([f"model={model}"]).model.family)
     assert family.supports_video == (outcome != "no video")
@@ -143,15 +144,16 @@ def test_video_records_against_each_family(model, outcome, tmp_path):
         _, _, _, datasets, collator = _parts(micro_1 + ["dataset.on_bad_record=skip"])
         assert collator([datasets["train"][2]])["num_skipped"] == 1
         return
+    report = _preflight(micro_2)  # training encodes one record per processor call: any micro batch
+    generating = micro_2 + ["eval.every_steps=1", "eval.batch_size=2"]
     if outcome == "ok":
-        report = _preflight(micro_2)
-    else:
+        _preflight(generating)
+    else:  # generation encodes its batch in one call
         with pytest.raises(ConfigError) as err:
-            _preflight(micro_2)
-        assert str(err.value).startswith("config error: step_scheduler.micro_batch_size=2")
+            _preflight(generating)
+        assert str(err.value).startswith("config error: eval.batch_size=2")
         assert re.search(_RECORD_2 + " has a video", str(err.value))
-        assert "set step_scheduler.micro_batch_size=1" in str(err.value)
-        report = _preflight(micro_1)
+        assert "set eval.batch_size=1" in str(err.value)
     assert report.usable == 5 and report.records_by_media["video"] == 1
     cfg, _, _, datasets, collator = _parts(micro_1)
     ids = collator([datasets["train"][2]])["input_ids"]

@@ -14,7 +14,8 @@ import yaml
 
 from vlm_sweep.report import ReportError, load_sweep, render_table, table_rows, write_report
 from vlm_sweep.report.model import parse_overrides, split_override_dirname
-from vlm_sweep.sweep.job import JobStatus, throughput_from_rows, throughput_summary, write_status
+from vlm_sweep.records import throughput_from_rows, throughput_summary
+from vlm_sweep.sweep.job import JobStatus, write_status
 from vlm_sweep.tracking import artifact_location, flatten
 
 EXPERIMENT = "tiny_gemma3_synthetic_receipts"

@@ -11,7 +11,7 @@ import time
 import pytest
 from PIL import Image
 
-from vlm_sweep.data.cord import json2token, parse_ground_truth, token2json
+from vlm_sweep.donut import json2token, parse_ground_truth, token2json
 from vlm_sweep.data.synthetic_receipts import MARKER_NAME, generate_synthetic_receipts
 
 COUNTS = {"train": 12, "validation": 4, "test": 5}

@@ -153,7 +153,7 @@ def build_parts(cfg: Any) -> Parts:
     from vlm_sweep.models.registry import get_family
     from vlm_sweep.train import enable_activation_checkpointing
     from vlm_sweep.training.freeze import apply_freeze
-    from vlm_sweep.training.lora import apply_lora
+    from vlm_sweep.training.peft_methods import apply_peft
     from vlm_sweep.training.optim import build_optimizer, build_scheduler
 
     set_seed(cfg.seed)
@@ -161,12 +161,12 @@ def build_parts(cfg: Any) -> Parts:
     model, processor = load_model_and_processor(cfg.model)
     if cfg.parallel.activation_checkpointing:
         enable_activation_checkpointing(model)
-    if cfg.peft.method == "lora":
-        model = apply_lora(model, family, cfg.peft, cfg.freeze)
+    model = apply_peft(model, family, cfg.peft, cfg.freeze)
     apply_freeze(model, family, cfg.freeze)
     datasets = build_datasets(cfg.dataset)
     collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record,
-                           min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels)
+                           min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels,
+                           feature_cache_mb=cfg.dataset.feature_cache_mb)
     train_loader, _ = build_loaders(cfg.dataset, cfg.step_scheduler, datasets, collator, seed=cfg.seed,
                                     rank=0, world_size=1, shard_validation=True, pin_memory=False)
     optimizer = build_optimizer(model, cfg.optimizer)

@@ -25,10 +25,11 @@ def run_real(cfg: Any, pacer: Pacer, run_dir: Path) -> None:
     """launch.py's loop: train._build + Trainer.fit, tracking none, nothing due but logging."""
     from vlm_sweep.tracking import NullTracker
     from vlm_sweep.train import _build
+    from vlm_sweep.training.settings import TrainerSettings
     from vlm_sweep.training.trainer import Trainer
 
     parts = _build(cfg, run_dir)
-    trainer = Trainer(cfg=cfg, accelerator=parts.accelerator, model=parts.model, optimizer=parts.optimizer,
+    trainer = Trainer(settings=TrainerSettings.from_config(cfg), accelerator=parts.accelerator, model=parts.model, optimizer=parts.optimizer,
                       scheduler=parts.scheduler, train_loader=parts.train_loader, val_loader=None,
                       tracker=NullTracker(), run_dir=run_dir, save_fn=lambda trainer, metrics: None,
                       processor=parts.processor, eval_samples=[], media_kwargs=parts.collator.media_kwargs)

@@ -35,6 +35,10 @@ class MediaError(UserError, ValueError):
     """An image or video is missing or cannot be decoded."""
 
 
+class ModelLoadError(UserError, RuntimeError):
+    """A model or processor could not be loaded (offline hub, unknown id, wrong class); the message says what to do."""
+
+
 def is_user_error(err: BaseException) -> bool:
     """Whether ``err`` is a user error: the CLIs print its first line, no traceback, exit 2."""
     return isinstance(err, UserError) or str(err).startswith("config error:")

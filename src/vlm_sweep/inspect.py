@@ -17,10 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
+from vlm_sweep.errors import UserError
+
 CONFIG_NAME = "config"
 
 
-class ConfDirError(RuntimeError):
+class ConfDirError(UserError, RuntimeError):
     """The Hydra config directory could not be found."""
 
 
@@ -28,12 +30,14 @@ def find_conf_dir(start: Optional[Path] = None) -> Path:
     """This suite's ``conf/`` (the one next to launch.py): from ``start`` (the cwd) upwards, else
     next to the package. A ``conf/config.yaml`` of another Hydra project (no ``run_schema``) is passed over."""
     start = Path(start or Path.cwd()).resolve()
-    package_root = Path(__file__).resolve().parents[2]  # src/vlm_sweep/inspect.py -> the repository
-    for base in (start, *start.parents, package_root):
-        config = base / "conf" / f"{CONFIG_NAME}.yaml"
+    from vlm_sweep.config.paths import conf_dir
+
+    package_conf = conf_dir()  # the package's own conf/ (package data), wherever it is installed
+    for conf in (*(base / "conf" for base in (start, *start.parents)), package_conf):
+        config = conf / f"{CONFIG_NAME}.yaml"
         if config.is_file() and "run_schema" in config.read_text(errors="replace"):
             return config.parent
-    raise ConfDirError(f"config error: no conf/{CONFIG_NAME}.yaml in {start}, its parents or {package_root}; "
+    raise ConfDirError(f"config error: no conf/{CONFIG_NAME}.yaml in {start}, its parents or {package_conf}; "
                        f"run from the vlm_sweep repository")
 
 
@@ -80,8 +84,7 @@ def inspect(cfg: Any, sample_size: Optional[int] = None, progress: bool = False)
 
 
 # Beyond the run's user errors: no conf dir, and Hydra's composition errors.
-_MORE_USER_ERRORS = ("ConfDirError", "MissingConfigException", "ConfigCompositionException",
-                     "ModelLoadError", "TrackingError")
+_MORE_USER_ERRORS = ("MissingConfigException", "ConfigCompositionException")
 
 
 def _is_user_error(err: BaseException) -> bool:

@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from vlm_sweep.rundir import RunDir, atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -94,7 +96,7 @@ def _eval_samples(cfg: DictConfig, datasets: Dict[str, Any]) -> list:
     if not (cfg.eval.every_steps or best.startswith("eval/")) or "validation" not in datasets:
         return []
     val = datasets["validation"]
-    samples = (val[i] for i in range(len(val)))
+    samples = (val.read(i) for i in range(len(val)))
     return [s for s in samples if s is not None][:cfg.eval.num_samples]
 
 
@@ -103,7 +105,7 @@ def _truncate_metrics_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    atomic_write(path, "".join(line + "\n" for line in keep))  # a kill here loses no line
 
 
 @dataclass
@@ -132,7 +134,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     from vlm_sweep.models.load import load_model_and_processor
     from vlm_sweep.models.registry import get_family
     from vlm_sweep.training.freeze import apply_freeze, trainable_by_component
-    from vlm_sweep.training.lora import apply_lora
+    from vlm_sweep.training.peft_methods import apply_peft
     from vlm_sweep.training.optim import build_optimizer, build_scheduler
 
     accelerator = _make_accelerator(cfg.parallel)
@@ -146,8 +148,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     model, processor = load_model_and_processor(cfg.model)
     if cfg.parallel.activation_checkpointing:
         enable_activation_checkpointing(model)
-    if cfg.peft.method == "lora":
-        model = apply_lora(model, family, cfg.peft, cfg.freeze)
+    model = apply_peft(model, family, cfg.peft, cfg.freeze)
     counts = apply_freeze(model, family, cfg.freeze)
     if counts["trainable_params"] == 0:
         raise ValueError("config error: freeze/peft leave no trainable parameter")
@@ -158,7 +159,8 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
 
     datasets = build_datasets(cfg.dataset)
     collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record,
-                           min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels)
+                           min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels,
+                           feature_cache_mb=cfg.dataset.feature_cache_mb)
     if cfg.dataset.preflight_samples:
         # Every rank checks (same result everywhere), so a refusal stops all before any collective.
         from vlm_sweep.data.preflight import format_report, run_preflight
@@ -180,7 +182,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
         summary = sharding_summary(model)
         log.info("FSDP2 rank %d holds %s of %s parameter elements", accelerator.process_index,
                  f"{summary['local_numel']:,}", f"{summary['full_numel']:,}")
-        (run_dir / f"sharding_rank{accelerator.process_index}.json").write_text(json.dumps(summary))
+        RunDir(run_dir).sharding(accelerator.process_index).write_text(json.dumps(summary))
     else:
         optimizer = build_optimizer(model, cfg.optimizer)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -200,7 +202,7 @@ def _open_tracker(cfg: DictConfig, run_dir: Path, parts: RunParts, resumed_at: O
     from vlm_sweep.tracking import discard_run, flatten, make_tracker
 
     main = parts.accelerator.is_main_process
-    tracking_file, metrics_file = run_dir / "tracking.json", run_dir / "metrics.jsonl"
+    tracking_file, metrics_file = RunDir(run_dir).tracking, RunDir(run_dir).metrics
     previous_run = json.loads(tracking_file.read_text())["run_id"] if tracking_file.exists() else None
     if main and resumed_at is None:
         metrics_file.unlink(missing_ok=True)
@@ -212,87 +214,91 @@ def _open_tracker(cfg: DictConfig, run_dir: Path, parts: RunParts, resumed_at: O
     tracker = make_tracker(cfg.tracking, cfg.paths.output_root, main,
                            run_id=previous_run if resumed_at is not None else None, **(run_info or {}))
     if main and tracker.run_id:
-        tracking_file.write_text(json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}))
+        atomic_write(tracking_file, json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}))
         if resumed_at is None or previous_run is None:
             tracker.log_params({**flatten(config_data), **parts.counts})
-            tracker.log_artifact(str(run_dir / "config.yaml"))
+            tracker.log_artifact(str(RunDir(run_dir).config))
         else:
             tracker.backfill(metrics_file, through_step=resumed_at)
     return tracker
 
 
-def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = None,
-        on_start: Optional[Callable[[], None]] = None) -> RunResult:
-    """Train the configured run inside ``run_dir``; resumes from its checkpoints if present.
+class FinetuneRecipe:
+    """One fine-tuning run, torchtune-style: ``setup()`` builds the parts and resumes,
+    ``train()`` runs the loop, ``cleanup()`` closes the run's records.
 
     ``run_info`` (parent_run_id, run_name, tags) places the MLflow run inside a sweep.
     ``on_start`` is called once the start is accepted (a resume the checkpoint refuses
-    raises before any record of the run changes).
+    raises in ``setup`` before any record of the run changes).
     """
-    from vlm_sweep.tracking import NullTracker
-    from vlm_sweep.training import checkpoint as ckpt
-    from vlm_sweep.training.trainer import Trainer
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    parts = _build(cfg, run_dir)
-    accelerator = parts.accelerator
-    checkpoint_root = Path(cfg.checkpoint.dir)
-    if not checkpoint_root.is_absolute():
-        checkpoint_root = run_dir / checkpoint_root
-    config_data = resolved_config(cfg)
-    config_yaml = OmegaConf.to_yaml(OmegaConf.create(config_data))
-    last_saved: Dict[str, Optional[Path]] = {"path": None}
+    def __init__(self, cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = None,
+                 on_start: Optional[Callable[[], None]] = None) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.run_info, self.on_start = run_info, on_start
+        self.status = "FAILED"
+        self.tracker: Any = None
 
-    def save(trainer: Trainer, metrics: Dict[str, float]) -> None:
-        if not cfg.checkpoint.enabled:
-            return
-        best_metric, is_best = cfg.checkpoint.best_metric, False
-        if best_metric and best_metric in metrics:
-            value = metrics[best_metric]
-            if ckpt.is_better(value, trainer.history.get("best_value"), cfg.checkpoint.best_mode):
-                trainer.history.update(best_value=value, best_step=trainer.step)
-                is_best = True
-        last_saved["path"] = ckpt.save_checkpoint(
-            checkpoint_root, trainer.step, accelerator=accelerator, model=trainer.model,
-            processor=parts.processor, optimizer=parts.optimizer, scheduler=parts.scheduler,
-            dataloader=parts.train_loader, trainer_state=trainer.trainer_state(),
-            config_yaml=config_yaml, checkpoint_cfg=cfg.checkpoint, is_best=is_best)
+    def setup(self) -> None:
+        """Model, data, optimizer, loop and checkpointer; resume from the run's checkpoints if present."""
+        from vlm_sweep.tracking import NullTracker
+        from vlm_sweep.training.checkpointer import Checkpointer
+        from vlm_sweep.training.settings import TrainerSettings
+        from vlm_sweep.training.trainer import Trainer
 
-    trainer = Trainer(cfg=cfg, accelerator=accelerator, model=parts.model, optimizer=parts.optimizer,
-                      scheduler=parts.scheduler, train_loader=parts.train_loader,
-                      val_loader=parts.val_loader, tracker=NullTracker(), run_dir=run_dir, save_fn=save,
-                      processor=parts.processor, eval_samples=_eval_samples(cfg, parts.datasets),
-                      media_kwargs=parts.collator.media_kwargs)
-    resume_from = ckpt.resolve_resume(cfg.checkpoint, checkpoint_root)
-    if resume_from is not None:  # refuses (CheckpointError) a checkpoint that does not fit this config
-        state = ckpt.load_checkpoint(resume_from, accelerator=accelerator, model=parts.model,
-                                     optimizer=parts.optimizer, scheduler=parts.scheduler,
-                                     dataloader=parts.train_loader)
-        trainer.load_trainer_state(state)
-        last_saved["path"] = resume_from
-        log.info("resumed from %s at step %d", resume_from, trainer.step)
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.parts = parts = _build(cfg, self.run_dir)
+        self.config_data = resolved_config(cfg)
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.create(self.config_data))
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, accelerator=parts.accelerator,
+                                         processor=parts.processor, optimizer=parts.optimizer,
+                                         scheduler=parts.scheduler, dataloader=parts.train_loader,
+                                         config_yaml=self.config_yaml)
+        self.trainer = Trainer(settings=TrainerSettings.from_config(cfg), accelerator=parts.accelerator,
+                               model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
+                               train_loader=parts.train_loader, val_loader=parts.val_loader, tracker=NullTracker(),
+                               run_dir=self.run_dir, save_fn=self.checkpointer.save, processor=parts.processor,
+                               eval_samples=_eval_samples(cfg, parts.datasets),
+                               media_kwargs=parts.collator.media_kwargs)
+        self.checkpointer.resume(self.trainer)  # refuses (CheckpointError) a checkpoint that does not fit
 
-    # The start is accepted: from here on the run's records change.
-    if on_start is not None:
-        on_start()
-    if accelerator.is_main_process:
-        (run_dir / "config.yaml").write_text(config_yaml)
-    status = "FAILED"
-    trainer.tracker = tracker = _open_tracker(
-        cfg, run_dir, parts, trainer.step if resume_from is not None else None, config_data, run_info)
+    def train(self) -> RunResult:
+        """The start is accepted: write the run's records and train to max_steps (or a stop signal)."""
+        if self.on_start is not None:
+            self.on_start()
+        if self.parts.accelerator.is_main_process:
+            atomic_write(RunDir(self.run_dir).config, self.config_yaml)
+        self.trainer.tracker = self.tracker = _open_tracker(
+            self.cfg, self.run_dir, self.parts, self.checkpointer.resumed_at, self.config_data, self.run_info)
+        try:
+            self.status = self.trainer.fit()
+        except KeyboardInterrupt:
+            self.status = "KILLED"
+            raise
+        return self.result()
+
+    def cleanup(self) -> None:
+        """Close the tracked run with its final status (also after an error or Ctrl-C)."""
+        if self.tracker is not None:
+            self.tracker.finish(self.status)
+
+    def result(self) -> RunResult:
+        trainer, saved, history = self.trainer, self.checkpointer.last_saved, self.trainer.history
+        return RunResult(
+            status=self.status, step=trainer.step, final_loss=history.get("loss"),
+            first_loss=history.get("first_loss"), val_loss=history.get("val_loss"),
+            checkpoint=str(saved) if saved else None, mlflow_run_id=self.tracker.run_id,
+            mlflow_uri=self.tracker.uri, run_dir=str(self.run_dir), stop_signal=trainer.stop_signal,
+            metrics={k: v for k, v in history.items() if k == "val_loss" or k.startswith("eval/")})
+
+
+def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = None,
+        on_start: Optional[Callable[[], None]] = None) -> RunResult:
+    """Train the configured run inside ``run_dir``; resumes from its checkpoints if present."""
+    recipe = FinetuneRecipe(cfg, run_dir, run_info, on_start)
+    recipe.setup()
     try:
-        status = trainer.fit()
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
+        return recipe.train()
     finally:
-        tracker.finish(status)
-    history = trainer.history
-    return RunResult(
-        status=status, step=trainer.step, final_loss=history.get("loss"),
-        first_loss=history.get("first_loss"), val_loss=history.get("val_loss"),
-        checkpoint=str(last_saved["path"]) if last_saved["path"] else None,
-        mlflow_run_id=tracker.run_id, mlflow_uri=tracker.uri, run_dir=str(run_dir),
-        stop_signal=trainer.stop_signal,
-        metrics={k: v for k, v in history.items() if k == "val_loss" or k.startswith("eval/")})
+        recipe.cleanup()

@@ -26,11 +26,17 @@ def _main(argv: Optional[List[str]]) -> int:
     from vlm_sweep.console import silence_known_noise
 
     silence_known_noise()
+    from vlm_sweep.config.compose import compose_eval_config
+    from vlm_sweep.config.validate import validate_config
+    from vlm_sweep.inference.load import load_for_inference
     from vlm_sweep.inference.score import format_table, score_checkpoint
 
-    evaluation = score_checkpoint(args.checkpoint, overrides, sampling=sampling_config(args),
+    loaded = load_for_inference(args.checkpoint, dtype=args.dtype)
+    cfg = compose_eval_config(overrides, loaded.run_config)
+    validate_config(cfg)
+    evaluation = score_checkpoint(args.checkpoint, loaded, cfg, sampling=sampling_config(args),
                                   batch_size=args.batch_size, max_samples=args.max_samples,
-                                  compare_base=args.compare_base, output_dir=args.output_dir, dtype=args.dtype)
+                                  compare_base=args.compare_base, output_dir=args.output_dir)
     summary = evaluation.summary
     print(f"{summary['dataset']}/{summary['split']}: {summary['num_samples']} records, "
           f"predictions in {evaluation.out}")

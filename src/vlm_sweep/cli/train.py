@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Optional
 from omegaconf import DictConfig
 
 from vlm_sweep.cli.user_errors import USER_ERROR_EXIT, first_line, is_cli_user_error, user_error_line
+from vlm_sweep.rundir import RunDir
 
 log = logging.getLogger("vlm_sweep")
 
@@ -67,7 +68,7 @@ def _failed(err: Exception, ctx: Any, record: Optional[Callable[..., None]]) -> 
     """Record FAILED (when this job owns the run's records), then one line or a traceback."""
     message = first_line(err)
     if record is not None:
-        tracking = ctx.run_dir / "tracking.json"
+        tracking = RunDir(ctx.run_dir).tracking
         run_id = json.loads(tracking.read_text())["run_id"] if tracking.exists() else None
         record(error=f"{type(err).__name__}: {message}", mlflow_run_id=run_id)
     if is_cli_user_error(err):
@@ -91,8 +92,9 @@ def _objective(cfg: DictConfig, result: Any) -> Optional[float]:
 def run_job(cfg: DictConfig) -> Optional[float]:
     """Run one Hydra job; returns the objective (``objective_metric``) for sweepers."""
     from vlm_sweep.config.validate import world_size
+    from vlm_sweep.records import throughput_summary
     from vlm_sweep.sweep.job import (JobStatus, export_distributed_env, is_main_process, job_context,
-                                     read_status, throughput_summary, write_status)
+                                     read_status, write_status)
 
     export_distributed_env()
     ctx = job_context()

@@ -13,11 +13,10 @@ USER_ERROR_EXIT = 2
 
 
 def is_cli_user_error(err: BaseException) -> bool:
-    """Whether ``err`` is printed as one line (``UserError``, and model-loading errors until they derive from it)."""
+    """Whether ``err`` is printed as one line (every ``UserError``)."""
     from vlm_sweep.errors import is_user_error
-    from vlm_sweep.models.load import ModelLoadError
 
-    return is_user_error(err) or isinstance(err, ModelLoadError)
+    return is_user_error(err)
 
 
 def first_line(err: BaseException) -> str:

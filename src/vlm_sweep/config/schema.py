@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from vlm_sweep.rundir import CHECKPOINTS
+
 
 @dataclass
 class PathsConfig:
@@ -58,7 +60,6 @@ class DatasetConfig:
     subset: Optional[str] = None
     train_split: str = "train"
     val_split: Optional[str] = "validation"
-    test_split: Optional[str] = "test"
     # The split that evaluation CLIs use by default.
     split: str = "test"
     prompt: str = "Describe this image."
@@ -79,6 +80,9 @@ class DatasetConfig:
     group_by_length: bool = True
     # Data-loading worker processes; null: one per spare core (up to 4), 0: on the training thread.
     num_workers: Optional[int] = None
+    # Encoded records kept per data-loading process (MiB) so later epochs skip templating,
+    # tokenising and image processing; 0: encode every time.
+    feature_cache_mb: float = 1024.0
     # Carve a validation split out of train (seeded) when the source has none (e.g. raven).
     carve_val_fraction: Optional[float] = None
     carve_seed: int = 0
@@ -98,7 +102,7 @@ class DatasetConfig:
 class PeftConfig:
     """LoRA (via the peft library) or none."""
 
-    method: str = "none"  # none | lora
+    method: str = "none"  # a key of training.peft_methods.PEFT_METHODS: none | lora
     dim: int = 8
     alpha: int = 32
     dropout: float = 0.0
@@ -147,7 +151,7 @@ class ParallelConfig:
 class CheckpointConfig:
     enabled: bool = True
     # Relative to the run directory unless absolute.
-    dir: str = "checkpoints"
+    dir: str = CHECKPOINTS
     model_save_format: str = "safetensors"  # safetensors | torch_save
     save_consolidated: bool = False
     keep_last: int = 2

@@ -80,6 +80,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.dataset.num_workers is not None:
         _where(cfg, "dataset.num_workers", *non_negative)
     _where(cfg, "dataset.preflight_samples", *non_negative)
+    _where(cfg, "dataset.feature_cache_mb", *non_negative)
     for key in ("dataset.max_train_samples", "dataset.max_val_samples"):
         if OmegaConf.select(cfg, key) is not None:
             _where(cfg, key, *positive)
@@ -98,7 +99,9 @@ def validate_config(cfg: DictConfig) -> None:
     _check(tower is None or model is None or tower == model, "freeze.freeze_vision_model",
            "is another name for freeze.freeze_vision_tower and contradicts it", model)
 
-    _choice(cfg, "peft.method", ["none", "lora"])
+    from vlm_sweep.training.peft_methods import PEFT_METHODS
+
+    _choice(cfg, "peft.method", sorted(PEFT_METHODS))
     _where(cfg, "peft.dim", *positive)
     _where(cfg, "peft.alpha", *positive)
     _where(cfg, "peft.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")

@@ -10,9 +10,10 @@ markers hold every header seen; the longest one that matches wins. No family is
 hard-coded and no per-batch work is spent rediscovering them.
 
 Samples may carry any number of images, videos, or none at all, mixed in one batch;
-pixel budgets and video timing reach the processor through ``MediaKwargs``. A record
-the processor cannot encode is found by encoding the batch's records one by one: it
-is a ``BadRecordError`` naming it (or skipped and counted under ``skip``).
+pixel budgets and video timing reach the processor through ``MediaKwargs``. Records are
+encoded one by one (and cached, see ``data/features.py``), so a record the processor cannot
+encode, or one longer than ``max_length``, is a ``BadRecordError`` naming it (or skipped and
+counted under ``skip``), and one bad record never costs its batch-mates.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 import torch
 
 from vlm_sweep.data.datasets import BadRecordError, Sample
+from vlm_sweep.data.features import DEFAULT_FEATURE_CACHE_MB, FeatureCache, Features, merge_features, record_length
 from vlm_sweep.data.processor_kwargs import MediaKwargs
 
 log = logging.getLogger(__name__)
@@ -178,13 +180,18 @@ class VLMCollator:
     """Callable collate_fn: list of Sample (or None for skipped records) -> model batch."""
 
     def __init__(self, processor: Any, max_length: int, on_bad_record: str = "error", *,
-                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None) -> None:
-        """``min_pixels``/``max_pixels``: ``dataset.*``; a ValueError here if the processor cannot take them."""
+                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
+                 feature_cache_mb: float = DEFAULT_FEATURE_CACHE_MB) -> None:
+        """``min_pixels``/``max_pixels``/``feature_cache_mb``: ``dataset.*``; a ValueError here if the
+        processor cannot take the pixel bounds."""
         self.processor = processor
         self.max_length = max_length
         self.skip_bad = on_bad_record == "skip"
         self.markers = AssistantMarkers.for_processor(processor)
         self.media_kwargs = MediaKwargs(processor, min_pixels=min_pixels, max_pixels=max_pixels)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.cache = FeatureCache(int(feature_cache_mb * 2**20))  # one per process: each worker fills its own
 
     def _encode(self, samples: Sequence[Sample]) -> Dict[str, torch.Tensor]:
         conversations = [s.conversation for s in samples]
@@ -205,49 +212,34 @@ class VLMCollator:
                 labels[row, start:end] = input_ids[row, start:end]
         return labels
 
-    def _drop_unencodable(self, samples: List[Sample], err: Exception) -> List[Sample]:
-        """The samples the processor can encode, found one by one after ``err`` broke the batch."""
-        kept = []
-        for sample in samples:
-            try:
-                self._encode([sample])
-            except Exception as alone:  # noqa: BLE001 - any processor failure names the record
-                message = f"{sample.record_id}: the processor cannot encode it ({_first_line(alone)})"
-                if not self.skip_bad:
-                    raise BadRecordError(message) from None
-                log.warning("skipping bad record: %s", message)
-            else:
-                kept.append(sample)
-        if len(kept) == len(samples):
-            raise BadRecordError(
-                f"records {', '.join(s.record_id for s in samples)} cannot be batched together "
-                f"({_first_line(err)}); set step_scheduler.micro_batch_size=1") from None
-        return kept
+    def _features(self, sample: Sample) -> Optional[Features]:
+        """One record's model inputs (cached); None if it is bad and bad records are skipped."""
+        cached = self.cache.get(sample.record_id)
+        if cached is not None:
+            return cached
+        try:
+            features = self._encode([sample])
+        except Exception as err:  # noqa: BLE001 - any processor failure names the record
+            return self._bad(f"{sample.record_id}: the processor cannot encode it ({_first_line(err)})")
+        length = record_length(features)
+        if length > self.max_length:
+            return self._bad(f"{sample.record_id}: {length} tokens exceed dataset.max_length="
+                             f"{self.max_length} (raise it, or dataset.on_bad_record=skip)")
+        self.cache.put(sample.record_id, features)
+        return features
+
+    def _bad(self, message: str) -> None:
+        if not self.skip_bad:
+            raise BadRecordError(message) from None
+        log.warning("skipping bad record: %s", message)
+        return None
 
     def __call__(self, samples: List[Optional[Sample]]) -> Dict[str, Any]:
-        kept = [s for s in samples if s is not None]
-        batch: Dict[str, Any] = {}
-        while kept:
-            try:
-                batch = self._encode(kept)
-            except Exception as err:  # noqa: BLE001 - narrowed to the record(s) at fault
-                kept = self._drop_unencodable(kept, err)
-                batch = {}
-                continue
-            lengths = batch["attention_mask"].sum(dim=1).tolist()
-            too_long = [i for i, n in enumerate(lengths) if n > self.max_length]
-            if not too_long:
-                break
-            for i in too_long:
-                message = (f"{kept[i].record_id}: {lengths[i]} tokens exceed dataset.max_length="
-                           f"{self.max_length} (raise it, or dataset.on_bad_record=skip)")
-                if not self.skip_bad:
-                    raise BadRecordError(message)
-                log.warning("skipping bad record: %s", message)
-            kept = [s for i, s in enumerate(kept) if i not in too_long]
-            batch = {}
+        encoded = [(s, self._features(s)) for s in samples if s is not None]
+        kept = [(s, f) for s, f in encoded if f is not None]
+        batch: Dict[str, Any] = merge_features([f for _, f in kept], self.pad_token_id)
         if batch:
             batch["labels"] = self.labels_for(batch["input_ids"], batch["attention_mask"])
         batch["num_skipped"] = len(samples) - len(kept)
-        batch["record_ids"] = [s.record_id for s in kept]
+        batch["record_ids"] = [s.record_id for s, _ in kept]
         return batch

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Container, Dict, List, Optional, Tuple
 
 from vlm_sweep.errors import BadRecordError, DatasetLoadError  # noqa: F401 (re-exported)
 from vlm_sweep.hub import download_hint, hub_offline, hub_reachable
@@ -42,10 +42,14 @@ ROW_COLUMN, LINE_COLUMN = "__vlm_sweep_source_row__", "__vlm_sweep_source_line__
 
 @dataclass
 class Sample:
-    """One training example: where it came from and its conversation."""
+    """One training example: where it came from and its conversation.
+
+    ``conversation`` is None when the reading process already holds the record's encoded
+    features (``ConversationDataset.encoded``): the record is then neither read nor decoded.
+    """
 
     record_id: str
-    conversation: Conversation
+    conversation: Optional[Conversation]
 
 
 def ensure_local_data(dataset_cfg: Any) -> None:
@@ -186,6 +190,9 @@ class ConversationDataset:
         # Read per record: materialising a column through a select()'s index mapping is slow.
         columns = [c for c in (ROW_COLUMN, LINE_COLUMN) if c in hf_split.column_names]
         self._source = hf_split.select_columns(columns) if columns else None
+        # Record ids whose model inputs this process already holds (the collator's FeatureCache,
+        # linked by build_loaders): such records come back without a conversation.
+        self.encoded: Optional[Container[str]] = None
 
     def __len__(self) -> int:
         return len(self.hf_split)
@@ -224,6 +231,15 @@ class ConversationDataset:
         return Sample(record_id=where, conversation=conversation)
 
     def __getitem__(self, index: int) -> Optional[Sample]:
+        """For the DataLoader: a record already encoded in this process comes back unread."""
+        if self.encoded is not None:
+            record_id = self.record_id(index)
+            if record_id in self.encoded:
+                return Sample(record_id=record_id, conversation=None)
+        return self.read(index)
+
+    def read(self, index: int) -> Optional[Sample]:
+        """The sample, or None for a bad record under ``on_bad_record=skip``."""
         try:
             return self.build(index)
         except BadRecordError as err:

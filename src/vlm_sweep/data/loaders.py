@@ -61,6 +61,8 @@ def build_loaders(dataset_cfg: Any, step_cfg: Any, datasets: Dict[str, Any], col
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     options = loader_options(resolve_num_workers(dataset_cfg.num_workers, local_processes), pin_memory)
     train = datasets["train"]
+    for dataset in datasets.values():  # each worker process then skips reading records it has encoded
+        dataset.encoded = getattr(collator, "cache", None)
     lengths = train.length_hints() if dataset_cfg.group_by_length else None
     # Length groups are whole optimizer steps (global batches), so the samples of a step do not
     # depend on how many processes share it: DDP over N ranks trains on what one process would.

@@ -8,7 +8,7 @@ What it catches up front, naming the record or key:
 * records that cannot be read or converted (missing/corrupt media, bad roles, empty answers);
 * records longer than ``dataset.max_length`` (reported with their length);
 * video records for a model family without video (``ModelFamily.supports_video``);
-* micro batches a family's processor cannot take (``ModelFamily.video_conversations_per_call``).
+* generation batches a family's processor cannot take (``ModelFamily.video_conversations_per_call``).
 
 Under ``dataset.on_bad_record=skip`` the problems training also skips (unreadable records,
 over-long ones, records the collator refuses, videos for a model without video) are counted
@@ -210,23 +210,22 @@ class _Checker:
         self.report.skip_examples.setdefault(reason, line)
 
     def video_batching(self, record_id: str, split: str) -> None:
-        """Refuse batch sizes the family's processor cannot take with a video in the batch."""
+        """Refuse generation batch sizes the family's processor cannot take with a video in the batch.
+
+        Training batches are encoded one record at a time (data/features.py), so only generation,
+        which encodes its batch in one processor call, is bounded.
+        """
         limit = self.family.video_conversations_per_call
-        if limit is None:
-            return
-        sizes = [("step_scheduler.micro_batch_size", self.report.micro_batch_size)]
         generates = self.cfg.eval.every_steps is not None or \
             str(self.cfg.checkpoint.best_metric or "").startswith("eval/")
-        if split == "validation" and generates:
-            sizes.append(("eval.batch_size", int(self.cfg.eval.batch_size)))
-        for key, size in sizes:
-            if size > limit:
-                from vlm_sweep.config.validate import ConfigError
+        if limit is None or not generates or int(self.cfg.eval.batch_size) <= limit:  # a data set with videos
+            return
+        from vlm_sweep.errors import ConfigError
 
-                raise ConfigError(
-                    f"config error: {key}={size}, but model family {self.report.family!r} takes at most {limit} "
-                    f"conversation(s) per processor call when one has a video, and {record_id} has a video; "
-                    f"set {key}={limit} (gradient accumulation keeps step_scheduler.global_batch_size)")
+        raise ConfigError(
+            f"config error: eval.batch_size={self.cfg.eval.batch_size}, but model family {self.report.family!r} "
+            f"generates for at most {limit} conversation(s) per processor call when one has a video, and "
+            f"{record_id} has a video; set eval.batch_size={limit}")
 
     def check(self, split: str, dataset: Any, index: int) -> None:
         record_id = dataset.record_id(index)

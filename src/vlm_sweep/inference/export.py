@@ -19,7 +19,8 @@ from vlm_sweep.errors import CheckpointError
 def export_checkpoint(checkpoint: str, output: str, merge_lora: bool = False,
                       max_shard_size: str = "5GB") -> Path:
     """Write the export; returns the output dir. Written to a temp dir first, then renamed (never half-written)."""
-    from vlm_sweep.inference.load import find_model_dir, load_for_inference
+    from vlm_sweep.inference.load import load_for_inference
+    from vlm_sweep.rundir import BASE_MODEL, find_model_dir
 
     out = Path(output)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -33,7 +34,7 @@ def export_checkpoint(checkpoint: str, output: str, merge_lora: bool = False,
         if "base_model_name_or_path" not in adapter:
             shutil.rmtree(tmp)
             raise CheckpointError(f"{model_dir / 'adapter_config.json'} names no base_model_name_or_path")
-        (tmp / "BASE_MODEL").write_text(adapter["base_model_name_or_path"] + "\n")
+        (tmp / BASE_MODEL).write_text(adapter["base_model_name_or_path"] + "\n")
     else:
         loaded = load_for_inference(checkpoint, merge_lora=True)
         loaded.model.save_pretrained(tmp, max_shard_size=max_shard_size)

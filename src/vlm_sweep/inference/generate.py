@@ -143,7 +143,7 @@ def generate_for_loaded(loaded: Any, conversations: Sequence[Conversation], samp
 def format_answer(text: str, output_format: str) -> Any:
     """``text`` as is, or (``json``) a CORD-style tag sequence parsed with token2json."""
     if output_format == "json":
-        from vlm_sweep.data.cord import token2json
+        from vlm_sweep.donut import token2json
 
         return token2json(text)
     return text

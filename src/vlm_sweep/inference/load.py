@@ -19,6 +19,7 @@ from typing import Any, Optional, Tuple
 from vlm_sweep.errors import CheckpointError
 from vlm_sweep.models.load import load_model, load_processor, preflight_hub_access, resolve_source
 from vlm_sweep.models.registry import family_for_model_type
+from vlm_sweep.rundir import CheckpointDir, find_model_dir
 
 
 @dataclass
@@ -30,18 +31,6 @@ class Loaded:
     family: str
     model_dir: str              # where the weights came from
     run_config: Optional[dict]  # the training config, when loading a checkpoint
-
-
-def find_model_dir(path: str) -> Tuple[Path, Optional[Path]]:
-    """(model dir, step dir or None) for a run dir / checkpoints dir / step dir / model dir."""
-    p = Path(path)
-    for root in (p / "checkpoints", p):
-        if (root / "LATEST").exists():
-            p = root / (root / "LATEST").read_text().strip()
-            break
-    if (p / "model").is_dir():
-        return p / "model", p
-    return p, (p.parent if (p.parent / "training_state").is_dir() else None)
 
 
 def _looks_like_a_path(source: str) -> bool:
@@ -62,11 +51,11 @@ def _model_cfg(family: str, source: str, run_config: Optional[dict], dtype: Opti
 
 def _read_run_config(step_dir: Optional[Path]) -> Optional[dict]:
     """The config a checkpoint was trained with (None for an export or a hub model)."""
-    if step_dir is None or not (step_dir / "config.yaml").exists():
+    if step_dir is None or not CheckpointDir(step_dir).config.exists():
         return None
     import yaml
 
-    return yaml.safe_load((step_dir / "config.yaml").read_text())
+    return yaml.safe_load(CheckpointDir(step_dir).config.read_text())
 
 
 def _load_adapter(model_dir: Path, run_config: Optional[dict], dtype: Optional[str],

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from vlm_sweep.data.formats import assistant_texts
 from vlm_sweep.data.sets import get_spec
 from vlm_sweep.inference.generate import SamplingConfig, generate, prompt_part
+from vlm_sweep.rundir import EVAL_PREDICTIONS, EVAL_SUMMARY, eval_dir_name, find_model_dir
 
 Metrics = Dict[str, float]
 Rows = List[Dict[str, Any]]
@@ -42,54 +43,6 @@ def evaluate_samples(model: Any, processor: Any, samples: Sequence[Any], record_
     rows.sort(key=lambda r: r["record_id"])
     metrics = get_spec(record_format).metric([r["prediction"] for r in rows], [r["reference"] for r in rows])
     return metrics, rows
-
-
-def _overridden_keys(overrides: List[str], prefix: str) -> List[str]:
-    """Keys under ``prefix.`` that the command line sets (``dataset.split=test`` -> ``split``)."""
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o or o.startswith("~")]
-    return [k[len(prefix) + 1:] for k in keys if k.startswith(f"{prefix}.")]
-
-
-def with_run_dataset(cfg: Any, overrides: List[str], run_config: Optional[dict]) -> Any:
-    """``cfg`` whose data set settings are the run's (path, format, pixel budget, ...).
-
-    A run trained on ``dataset.path=DIR`` is evaluated on DIR, not on the hub id its dataset
-    config names. ``dataset=<name>`` on the command line picks another data set (nothing is
-    reused); ``dataset.<key>=...`` overrides win over the run's value for that key.
-    """
-    from omegaconf import OmegaConf, open_dict
-
-    if not run_config or "dataset" not in run_config or any(o.startswith("dataset=") for o in overrides):
-        return cfg
-    known = set(cfg.dataset.keys())
-    run_dataset = OmegaConf.create({k: v for k, v in run_config["dataset"].items() if k in known})
-    merged = OmegaConf.merge(cfg.dataset, run_dataset)
-    for key in _overridden_keys(overrides, "dataset"):  # the command line's value, as Hydra composed it
-        with open_dict(merged):
-            OmegaConf.update(merged, key, OmegaConf.select(cfg.dataset, key), merge=False)
-    cfg.dataset = merged
-    return cfg
-
-
-def compose_config(overrides: List[str], run_config: Optional[dict]) -> Any:
-    """The composed config; the data set defaults to the checkpoint's own, with its settings."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from vlm_sweep.config.paths import conf_dir
-    from vlm_sweep.config.schema import register_configs
-
-    conf = conf_dir()
-    composed = list(overrides)
-    if run_config and not any(o.startswith("dataset=") for o in overrides):
-        name = run_config["dataset"]["name"]
-        if (conf / "dataset" / f"{name}.yaml").exists():
-            composed = [f"dataset={name}", *overrides]
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=composed)
-    return with_run_dataset(cfg, overrides, run_config)
 
 
 def load_eval_samples(dataset_cfg: Any, max_samples: Optional[int]) -> List[Any]:
@@ -138,27 +91,23 @@ def _score_base(loaded: Any, score: Callable[[Any, Any], Tuple[Metrics, Rows]]) 
 def _write(out: Path, rows_by_model: Dict[str, Rows], summary: Dict[str, Any]) -> None:
     """``predictions.jsonl`` (one row per record and model) and ``summary.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w") as fh:
+    with open(out / EVAL_PREDICTIONS, "w") as fh:
         for name, rows in rows_by_model.items():
             for row in rows:
                 fh.write(json.dumps({"model": name, **row}, ensure_ascii=False) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / EVAL_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def score_checkpoint(checkpoint: str, overrides: List[str], *, sampling: SamplingConfig, batch_size: int = 4,
+def score_checkpoint(checkpoint: str, loaded: Any, cfg: Any, *, sampling: SamplingConfig, batch_size: int = 4,
                      max_samples: Optional[int] = None, compare_base: bool = False,
-                     output_dir: Optional[str] = None, dtype: Optional[str] = None) -> Evaluation:
-    """Score ``checkpoint`` on a data set split (default: the one it trained on) and write the results.
+                     output_dir: Optional[str] = None) -> Evaluation:
+    """Score the ``loaded`` checkpoint (``load_for_inference(checkpoint)``) on ``cfg.dataset``'s split
+    (a composed, validated config: ``config.compose.compose_eval_config``) and write the results.
 
     Output goes to ``output_dir`` (default ``<step dir>/eval_<dataset>_<split>``).
     """
-    from vlm_sweep.config.validate import validate_config
     from vlm_sweep.data.processor_kwargs import MediaKwargs
-    from vlm_sweep.inference.load import find_model_dir, load_for_inference
 
-    loaded = load_for_inference(checkpoint, dtype=dtype)
-    cfg = compose_config(overrides, loaded.run_config)
-    validate_config(cfg)
     samples = load_eval_samples(cfg.dataset, max_samples)
 
     def score(model: Any, processor: Any) -> Tuple[Metrics, Rows]:
@@ -174,7 +123,8 @@ def score_checkpoint(checkpoint: str, overrides: List[str], *, sampling: Samplin
     results["fine-tuned"], rows_by_model["fine-tuned"] = score(loaded.model, loaded.processor)
 
     model_dir, step_dir = find_model_dir(checkpoint)
-    out = Path(output_dir) if output_dir else (step_dir or model_dir) / f"eval_{cfg.dataset.name}_{cfg.dataset.split}"
+    out = Path(output_dir) if output_dir else (
+        (step_dir or model_dir) / eval_dir_name(cfg.dataset.name, cfg.dataset.split))
     summary = {"checkpoint": checkpoint, "dataset": cfg.dataset.name, "dataset_path": str(cfg.dataset.path),
                "split": cfg.dataset.split, "num_samples": len(samples), "metrics": results}
     _write(out, rows_by_model, summary)

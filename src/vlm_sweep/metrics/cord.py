@@ -20,7 +20,7 @@ from typing import Any
 
 import zss
 
-from vlm_sweep.data.cord import token2json
+from vlm_sweep.donut import token2json
 
 LEAF = "<leaf>"
 

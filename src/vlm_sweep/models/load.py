@@ -9,12 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
+from vlm_sweep.errors import ModelLoadError  # noqa: F401 (defined there, re-exported here)
 from vlm_sweep.hub import download_hint, hub_offline, hub_reachable
 from vlm_sweep.models.registry import get_family
-
-
-class ModelLoadError(RuntimeError):
-    """A model or processor could not be loaded; the message says what to do."""
 
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",

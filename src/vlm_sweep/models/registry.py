@@ -46,8 +46,8 @@ class ModelFamily:
     # pre-flight (vlm_sweep.data.preflight) refuses video records for a family without it.
     supports_video: bool = False
     # The most conversations one processor call may hold when any of them carries a video
-    # (None: no limit). The collator encodes a micro-batch in one call, so this bounds
-    # step_scheduler.micro_batch_size (and eval.batch_size) for data sets with videos.
+    # (None: no limit). Training encodes one record per call; generation encodes its batch in
+    # one call, so this bounds eval.batch_size for data sets with videos.
     video_conversations_per_call: Optional[int] = None
 
     @property

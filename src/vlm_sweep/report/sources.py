@@ -17,8 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-from vlm_sweep.sweep.job import STATUS_FILE, read_metrics, throughput_from_rows
-from vlm_sweep.sweep.job import job_dirs as list_job_dirs
+from vlm_sweep.rundir import SWEEP_PARENT, RunDir
+from vlm_sweep.records import job_dirs as list_job_dirs
+from vlm_sweep.records import read_metrics, throughput_from_rows
 from vlm_sweep.report.model import (Curve, Job, Sweep, mean, parse_overrides,
                                     split_override_dirname)
 
@@ -102,7 +103,7 @@ def _throughput(status: Dict[str, Any], measured: Dict[str, Optional[float]]) ->
 
 def load_job_dir(job_dir: Path) -> Job:
     """One job from its dir: job_status.json first, metrics.jsonl and .hydra/ for the rest."""
-    status = _read_json(job_dir / STATUS_FILE)
+    status = _read_json(RunDir(job_dir).job_status)
     has_status = status is not None
     status = status or {}
     rows = [r for r in read_metrics(job_dir) if isinstance(r.get("step"), (int, float))]
@@ -112,7 +113,7 @@ def load_job_dir(job_dir: Path) -> Job:
     evals.update({k: float(v) for k, v in (status.get("metrics") or {}).items()
                   if k.startswith("eval/") and _float(v) is not None})
     loss_curve, val_curve = _curve(rows, "loss"), _curve(rows, "val_loss")
-    tracking = _read_json(job_dir / "tracking.json") or {}
+    tracking = _read_json(RunDir(job_dir).tracking) or {}
     # Without a status file the number of processes is unknown: no device-hours are guessed.
     measured = throughput_from_rows(rows, num_processes=None)
     job = Job(
@@ -161,7 +162,7 @@ def load_sweep_dir(sweep_dir: Path, tracking_uri: Optional[str] = None) -> Sweep
     job_dirs = list_job_dirs(sweep_dir)
     if not job_dirs:
         raise ReportError(f"{sweep_dir} has no job dirs (0/, 1/, ...): is it a Hydra multirun dir?")
-    parent = _read_json(sweep_dir / "mlflow_parent.json") or {}
+    parent = _read_json(sweep_dir / SWEEP_PARENT) or {}
     parts = sweep_dir.resolve().parts
     title = parts[-4] if len(parts) >= 4 and parts[-3] == "multirun" else sweep_dir.resolve().name
     return Sweep(title=title, source=f"sweep dir `{_display_path(sweep_dir)}`",
@@ -223,7 +224,7 @@ def _status_of_run(tags: Dict[str, str], job_num: int, run_id: str) -> Dict[str,
     sweep_dir = tags.get("vlm_sweep.sweep_dir")
     if not sweep_dir:
         return {}
-    statuses = [_read_json(d / STATUS_FILE) for d in list_job_dirs(Path(sweep_dir))
+    statuses = [_read_json(RunDir(d).job_status) for d in list_job_dirs(Path(sweep_dir))
                 if d.name.split("_")[0] == str(job_num)]
     statuses = [s for s in statuses if s]
     # Several dirs with this number (``<num>_<suffix>``): the one that names this run.

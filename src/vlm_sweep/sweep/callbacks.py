@@ -11,7 +11,9 @@ from typing import Any, Dict, List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from vlm_sweep.sweep.job import PARENT_FILE, job_dirs, read_status
+from vlm_sweep.rundir import SWEEP_PARENT
+from vlm_sweep.records import job_dirs
+from vlm_sweep.sweep.job import read_status
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class SweepCallback(Callback):
             sys.exit(2)
         uri = _tracking_uri(config)
         client = RetryingClient(uri)
-        parent_file = sweep_dir / PARENT_FILE
+        parent_file = sweep_dir / SWEEP_PARENT
         if parent_file.exists():  # the same sweep run again: continue its parent run
             parent = json.loads(parent_file.read_text())
             client.update_run(parent["run_id"], status="RUNNING")
@@ -88,7 +90,7 @@ class SweepCallback(Callback):
             from vlm_sweep.tracking import redact_uri
 
             log.error("could not write the sweep report: %s", redact_uri(str(err)))
-        parent_file = sweep_dir / PARENT_FILE
+        parent_file = sweep_dir / SWEEP_PARENT
         if parent_file.exists():
             self._close_parent(config, json.loads(parent_file.read_text()), "FAILED" if failed else "FINISHED")
         if failed:

@@ -7,14 +7,12 @@ the report read it, and re-running a sweep skips jobs whose status is FINISHED.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-STATUS_FILE = "job_status.json"
-PARENT_FILE = "mlflow_parent.json"
+from vlm_sweep.rundir import SWEEP_PARENT, RunDir, atomic_write
 
 
 @dataclass
@@ -33,9 +31,9 @@ class JobContext:
     @property
     def parent_run(self) -> Optional[Dict[str, str]]:
         """The sweep's MLflow parent run (written by the sweep callback), if any."""
-        if self.sweep_dir is None or not (self.sweep_dir / PARENT_FILE).exists():
+        if self.sweep_dir is None or not (self.sweep_dir / SWEEP_PARENT).exists():
             return None
-        return json.loads((self.sweep_dir / PARENT_FILE).read_text())
+        return json.loads((self.sweep_dir / SWEEP_PARENT).read_text())
 
 
 def job_context() -> JobContext:
@@ -53,7 +51,7 @@ def job_context() -> JobContext:
         sweep_dir=Path(hc.sweep.dir).resolve() if multirun else None,
         override_dirname=str(hc.job.override_dirname),
         overrides=list(hc.overrides.task),
-        log_path=run_dir / f"{hc.job.name}.log",
+        log_path=RunDir(run_dir).log(hc.job.name),
         slurm_job_id=slurm_job_id(),
     )
 
@@ -108,99 +106,9 @@ class JobStatus:
 
 def write_status(run_dir: Path, status: JobStatus) -> None:
     """Replace the job's status file atomically."""
-    path = Path(run_dir) / STATUS_FILE
-    tmp = path.with_name(f".{STATUS_FILE}.tmp")
-    tmp.write_text(json.dumps(asdict(status), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(RunDir(run_dir).job_status, json.dumps(asdict(status), indent=2) + "\n")
 
 
 def read_status(run_dir: Path) -> Optional[Dict[str, Any]]:
-    path = Path(run_dir) / STATUS_FILE
+    path = RunDir(run_dir).job_status
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
-    """Rows of the run's metrics.jsonl; a torn last line (a kill mid-write) is passed over."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows: List[Dict[str, Any]] = []
-    if not path.exists():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _number(value: Any) -> Optional[float]:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
-
-
-def _mean(rows: List[Dict[str, Any]], key: str) -> Optional[float]:
-    values = [v for v in (_number(r.get(key)) for r in rows) if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def mean_tokens_per_s(run_dir: Path) -> Optional[float]:
-    """Mean tokens/s (all processes) over the logged steps; None if none logged it."""
-    return _mean(read_metrics(run_dir), "tokens_per_s")
-
-
-def training_seconds(rows: List[Dict[str, Any]]) -> Optional[float]:
-    """Wall time of the logged training steps, from the metrics log alone.
-
-    Each row's tokens_per_s is the tokens of its log window (every process) over the window's
-    seconds, and image_tokens + text_tokens are the same tokens (the FLOP counter's split of
-    them), so seconds = tokens / tokens_per_s. Windows cover every optimizer step, not the
-    validation, generation or checkpointing between them nor the start-up. A resumed run's
-    log holds each step once, so the time of steps redone after a preemption is not counted.
-    """
-    total, seen = 0.0, False
-    for row in rows:
-        speed = _number(row.get("tokens_per_s"))
-        tokens = [_number(row.get(k)) for k in ("image_tokens", "text_tokens")]
-        if speed and speed > 0 and None not in tokens:
-            total += sum(tokens) / speed  # type: ignore[arg-type]
-            seen = True
-    return total if seen else None
-
-
-def throughput_from_rows(rows: List[Dict[str, Any]], num_processes: Optional[int],
-                         wall_seconds: Optional[float] = None) -> Dict[str, Optional[float]]:
-    """tokens_per_s / mfu / tflops means over the logged steps, and device_hours.
-
-    device_hours = wall time x ``num_processes`` (None if that is unknown); the wall time is
-    ``wall_seconds`` if the caller measured it, else the training time of the log.
-    """
-    seconds = wall_seconds if wall_seconds is not None else training_seconds(rows)
-    hours = None if seconds is None or not num_processes else seconds * num_processes / 3600.0
-    return {"tokens_per_s": _mean(rows, "tokens_per_s"), "mfu": _mean(rows, "mfu"),
-            "tflops": _mean(rows, "tflops"), "device_hours": hours}
-
-
-def throughput_summary(run_dir: Path, num_processes: int,
-                       wall_seconds: Optional[float] = None) -> Dict[str, Any]:
-    """The job's throughput for its status file, from its metrics.jsonl.
-
-    The keys are JobStatus fields: ``JobStatus(..., **throughput_summary(run_dir, world_size()))``
-    (``vlm_sweep.config.validate.world_size``: WORLD_SIZE or SLURM_NTASKS).
-    ``device_type`` ("cuda"/"cpu") says whether the device-hours are GPU-hours.
-    """
-    import torch
-
-    summary: Dict[str, Any] = throughput_from_rows(read_metrics(run_dir), max(1, num_processes), wall_seconds)
-    summary["device_type"] = "cuda" if torch.cuda.is_available() else "cpu"
-    return summary
-
-
-def job_dirs(sweep_dir: Path) -> List[Path]:
-    """Job dirs of a sweep (``<job num>`` or ``<job num>_<suffix>`` subdirs), in job order."""
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.exists():
-        return []
-    dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.split("_")[0].isdigit()]
-    return sorted(dirs, key=lambda p: (int(p.name.split("_")[0]), p.name))

@@ -33,7 +33,9 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
-from vlm_sweep.sweep.job import PARENT_FILE, job_dirs, read_status, write_status
+from vlm_sweep.rundir import SWEEP_PARENT
+from vlm_sweep.records import job_dirs
+from vlm_sweep.sweep.job import read_status, write_status
 from vlm_sweep.sweep.job import JobStatus as VlmJobStatus
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ class WaitForAll:
 
     def _abort(self, sweep_dir: Path, message: str) -> NoReturn:
         """Nothing was submitted: close the sweep's MLflow parent run as FAILED, say why, exit 2."""
-        parent_file = Path(sweep_dir).resolve() / PARENT_FILE
+        parent_file = Path(sweep_dir).resolve() / SWEEP_PARENT
         if parent_file.exists() and self.config is not None:
             from vlm_sweep.sweep.callbacks import SweepCallback
 

@@ -36,17 +36,17 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from vlm_sweep.rundir import LATEST, CheckpointDir, step_name, tmp_name, write_pointer
 from vlm_sweep.training.checkpoint_manifest import (CheckpointError, apply_umask_modes, checkpoint_bytes,
                                                     verify_checkpoint, write_manifest)
-from vlm_sweep.training.checkpoint_select import (BEST, LATEST, best_checkpoint, is_better, latest_checkpoint,
+from vlm_sweep.training.checkpoint_select import (best_checkpoint, is_better, latest_checkpoint,
                                                   mark_best, previous_checkpoint, prune_checkpoints,
-                                                  resolve_resume, step_dirs, write_atomic_text)
-from vlm_sweep.training.checkpoint_weights import (TRAINABLE, WEIGHTS_MAP, map_to_model_dir,
-                                                   trained_weights)
+                                                  resolve_resume, step_dirs)
+from vlm_sweep.training.checkpoint_weights import map_to_model_dir, trained_weights
 from vlm_sweep.training.distributed import (full_model_state, full_optimizer_state, full_trainable_state,
                                             is_fsdp, load_full_states)
 
-__all__ = ["BEST", "LATEST", "CheckpointError", "best_checkpoint", "is_better", "latest_checkpoint",
+__all__ = ["CheckpointError", "best_checkpoint", "is_better", "latest_checkpoint",
            "load_checkpoint", "mark_best", "prune_checkpoints", "resolve_resume", "save_checkpoint",
            "step_dirs", "trained_weights", "verify_checkpoint"]
 
@@ -166,32 +166,32 @@ def _write_failed(err: BaseException, root: Path, name: str, space: Tuple[int, i
              if previous else "there is no earlier checkpoint, so a rerun starts from step 0")
     return CheckpointError(
         f"could not write checkpoint {root / name}: {reason} (needs about {_gb(space[0])}, {_gb(space[1])} was "
-        f"free, {_gb(free_now)} when it failed); removed the partial .tmp_{name}; {after}")
+        f"free, {_gb(free_now)} when it failed); removed the partial {tmp_name(name)}; {after}")
 
 
 def _write_main_files(tmp: Path, unwrapped: Any, processor: Any, optimizer_state: Any, scheduler: Any,
                       weights: Dict[str, torch.Tensor], full_model: Any, config_yaml: str,
                       checkpoint_cfg: Any, trainer_state: Dict[str, Any]) -> None:
     """Everything rank 0 writes; each trained weight once (see checkpoint_weights)."""
-    state_dir = tmp / "training_state"
+    ck = CheckpointDir(tmp)
     save_format = checkpoint_cfg.model_save_format
-    save_model_dir(unwrapped, processor, tmp / "model", save_format, full_model)
+    save_model_dir(unwrapped, processor, ck.model, save_format, full_model)
     in_model: Dict[str, List[str]] = {}
     if full_model is None and not hasattr(unwrapped, "peft_config"):
-        in_model = map_to_model_dir(unwrapped, tmp / "model", save_format, list(weights))
+        in_model = map_to_model_dir(unwrapped, ck.model, save_format, list(weights))
         if in_model:
-            (state_dir / WEIGHTS_MAP).write_text(json.dumps(in_model, indent=1))
+            ck.weights_map.write_text(json.dumps(in_model, indent=1))
     rest = {k: v.detach().cpu() for k, v in weights.items() if k not in in_model}
     if rest or not in_model:
-        torch.save(rest, state_dir / TRAINABLE)
-    torch.save(optimizer_state, state_dir / "optimizer.pt")
-    torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
+        torch.save(rest, ck.trainable)
+    torch.save(optimizer_state, ck.optimizer)
+    torch.save(scheduler.state_dict(), ck.scheduler)
+    ck.config.write_text(config_yaml)
     if checkpoint_cfg.save_consolidated and hasattr(unwrapped, "peft_config"):
         from vlm_sweep.inference.export import export_checkpoint
 
-        export_checkpoint(str(tmp), str(tmp / "consolidated"), merge_lora=True)
-    (state_dir / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        export_checkpoint(str(tmp), str(ck.consolidated), merge_lora=True)
+    ck.trainer_state.write_text(json.dumps(trainer_state, indent=2))
 
 
 def _seal(tmp: Path, final: Path) -> None:
@@ -224,8 +224,8 @@ def save_checkpoint(
     A write that fails (a full disk) removes the partial dir and raises CheckpointError.
     """
     root = Path(root)
-    name = f"step_{step}"
-    final, tmp = root / name, root / f".tmp_{name}"
+    name = step_name(step)
+    final, tmp = root / name, root / tmp_name(name)
     rank, main = accelerator.process_index, accelerator.is_main_process
     unwrapped = accelerator.unwrap_model(model)
     space = (0, 0)
@@ -233,12 +233,12 @@ def save_checkpoint(
         space = _check_space(root, name, unwrapped, optimizer)
         if tmp.exists():
             shutil.rmtree(tmp)
-        (tmp / "training_state").mkdir(parents=True)
+        CheckpointDir(tmp).state.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
         # Per-rank: RNG and data position differ between processes.
         torch.save({"rng": rng_state(), "dataloader": dataloader.state_dict()},
-                   tmp / "training_state" / f"rank_{rank}.pt")
+                   CheckpointDir(tmp).rank_state(rank))
         sharded = is_fsdp(unwrapped)
         if sharded:  # gathering full tensors is a collective: every rank takes part
             full_model, weights = full_model_state(unwrapped), full_trainable_state(unwrapped)
@@ -264,7 +264,7 @@ def save_checkpoint(
         raise _write_failed(err, root, name, space, free_now) from err
     if main:
         try:
-            write_atomic_text(root / LATEST, name + "\n")
+            write_pointer(root, LATEST, name)
             if is_best:
                 mark_best(root, name)
         except OSError as err:
@@ -285,8 +285,8 @@ def load_checkpoint(
     dataloader: Any,
 ) -> Dict[str, Any]:
     """Restore weights, optimizer, scheduler, RNG and data position; returns trainer state."""
-    state_dir = path / "training_state"
-    trainer_state = json.loads((state_dir / "trainer_state.json").read_text())
+    ck = CheckpointDir(path)
+    trainer_state = json.loads(ck.trainer_state.read_text())
     if trainer_state["world_size"] != accelerator.num_processes:
         raise CheckpointError(
             f"{path} was written by {trainer_state['world_size']} processes, this run has "
@@ -303,7 +303,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} does not fit this config (peft/freeze/model differ): trainable parameters "
             f"missing from it {missing}, unexpected in it {extra}")
-    optimizer_state = torch.load(state_dir / "optimizer.pt", weights_only=True)
+    optimizer_state = torch.load(ck.optimizer, weights_only=True)
     if sharded:
         load_full_states(unwrapped, optimizer, weights, optimizer_state)
     else:
@@ -312,8 +312,8 @@ def load_checkpoint(
             for name, tensor in weights.items():
                 params[name].copy_(tensor)
         optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=True))
-    per_rank = torch.load(state_dir / f"rank_{accelerator.process_index}.pt", weights_only=True)
+    scheduler.load_state_dict(torch.load(ck.scheduler, weights_only=True))
+    per_rank = torch.load(ck.rank_state(accelerator.process_index), weights_only=True)
     dataloader.load_state_dict(per_rank["dataloader"])
     set_rng_state(per_rank["rng"])
     return trainer_state

@@ -25,8 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Optional
 
-MANIFEST = "manifest.json"
-TRAINER_STATE = Path("training_state") / "trainer_state.json"
+from vlm_sweep.rundir import MANIFEST, TRAINER_STATE as _TRAINER_STATE, TRAINING_STATE
+
+TRAINER_STATE = Path(TRAINING_STATE) / _TRAINER_STATE  # relative to the step dir, as the manifest lists it
 _CHUNK = 8 << 20
 
 

@@ -9,45 +9,22 @@ ignored). A deleted LATEST does not restart a run from zero while complete check
 from __future__ import annotations
 
 import logging
-import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
+from vlm_sweep.rundir import BEST, CHECKPOINTS, LATEST, STALE_TMP_GLOB, read_pointer, step_of, write_pointer
 from vlm_sweep.training.checkpoint_manifest import CheckpointError, verify_checkpoint
 
 log = logging.getLogger(__name__)
-
-LATEST = "LATEST"
-BEST = "BEST"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def write_atomic_text(path: Path, text: str) -> None:
-    """Replace a small file so that a reader sees the old text or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def step_dirs(root: Path) -> List[Tuple[int, Path]]:
     """(step, dir) of every ``step_<N>`` dir under ``root``, newest first; other names are ignored."""
     if not Path(root).is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in Path(root).iterdir()
-             if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(step, p) for p in Path(root).iterdir() if (step := step_of(p.name)) is not None and p.is_dir()]
     return sorted(found, key=lambda item: item[0], reverse=True)
-
-
-def _read_pointer(root: Path, name: str) -> Optional[str]:
-    try:
-        return (Path(root) / name).read_text().strip()
-    except OSError:
-        return None
 
 
 def latest_checkpoint(checkpoint_root: Path) -> Optional[Path]:
@@ -57,7 +34,7 @@ def latest_checkpoint(checkpoint_root: Path) -> Optional[Path]:
     one warning line naming what is wrong; when nothing verifies, CheckpointError.
     """
     root = Path(checkpoint_root)
-    named, steps = _read_pointer(root, LATEST), step_dirs(root)
+    named, steps = read_pointer(root, LATEST), step_dirs(root)
     if named is None and not steps:
         return None
     problems = []
@@ -84,7 +61,7 @@ def latest_checkpoint(checkpoint_root: Path) -> Optional[Path]:
 def best_checkpoint(checkpoint_root: Path) -> Optional[Path]:
     """BEST's checkpoint, or None. A BEST naming a missing or incomplete dir is removed (one warning)."""
     root = Path(checkpoint_root)
-    named = _read_pointer(root, BEST)
+    named = read_pointer(root, BEST)
     if named is None:
         return None
     problem = verify_checkpoint(root / named, checksums=False) if named else "it is empty"
@@ -112,8 +89,8 @@ def resolve_resume(checkpoint_cfg: Any, checkpoint_root: Path) -> Optional[Path]
     path = Path(checkpoint_cfg.resume)
     if _is_checkpoints_root(path):
         return latest_checkpoint(path)
-    if (path / "checkpoints").is_dir() and _is_checkpoints_root(path / "checkpoints"):
-        return latest_checkpoint(path / "checkpoints")  # a run dir
+    if (path / CHECKPOINTS).is_dir() and _is_checkpoints_root(path / CHECKPOINTS):
+        return latest_checkpoint(path / CHECKPOINTS)  # a run dir
     problem = verify_checkpoint(path)
     if problem is not None:
         raise CheckpointError(f"checkpoint.resume={path} is not a usable checkpoint dir: {problem}")
@@ -122,7 +99,7 @@ def resolve_resume(checkpoint_cfg: Any, checkpoint_root: Path) -> Optional[Path]
 
 def previous_checkpoint(root: Path) -> Optional[Path]:
     """The checkpoint a rerun would resume from (cheap checks only), or None."""
-    named = _read_pointer(root, LATEST)
+    named = read_pointer(root, LATEST)
     if named and (root / named).is_dir():
         return root / named
     for _, path in step_dirs(root):
@@ -133,7 +110,7 @@ def previous_checkpoint(root: Path) -> Optional[Path]:
 
 def mark_best(root: Path, name: str) -> None:
     """Point BEST at checkpoint ``name`` (atomically)."""
-    write_atomic_text(root / BEST, name + "\n")
+    write_pointer(root, BEST, name)
 
 
 def is_better(value: float, best: Optional[float], mode: str) -> bool:
@@ -147,7 +124,7 @@ def prune_checkpoints(root: Path, keep_last: int, keep: str) -> None:
     and are removed, as are stale ``.tmp_step_*`` dirs; dirs with other names are left alone.
     """
     root = Path(root)
-    for stale in root.glob(".tmp_step_*"):
+    for stale in root.glob(STALE_TMP_GLOB):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
     best = best_checkpoint(root)

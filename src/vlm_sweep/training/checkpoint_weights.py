@@ -23,10 +23,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from vlm_sweep.rundir import TRAINABLE, CheckpointDir
+
 log = logging.getLogger(__name__)
 
-TRAINABLE = "trainable.pt"
-WEIGHTS_MAP = "weights_in_model.json"
 _ST_INDEX = "model.safetensors.index.json"
 _ST_SINGLE = "model.safetensors"
 _BIN_SINGLE = "pytorch_model.bin"
@@ -128,11 +128,11 @@ def trained_weights(step_dir: Path) -> Dict[str, torch.Tensor]:
 
     From trainable.pt and, for a full fine-tune, from the model dir (see module docstring).
     """
-    state_dir = Path(step_dir) / "training_state"
+    ck = CheckpointDir(Path(step_dir))
     weights: Dict[str, torch.Tensor] = {}
-    if (state_dir / TRAINABLE).exists():
-        weights.update(torch.load(state_dir / TRAINABLE, weights_only=True, map_location="cpu"))
-    if (state_dir / WEIGHTS_MAP).exists():
-        mapping = json.loads((state_dir / WEIGHTS_MAP).read_text())
-        weights.update(read_from_model_dir(Path(step_dir) / "model", mapping))
+    if ck.trainable.exists():
+        weights.update(torch.load(ck.trainable, weights_only=True, map_location="cpu"))
+    if ck.weights_map.exists():
+        mapping = json.loads(ck.weights_map.read_text())
+        weights.update(read_from_model_dir(ck.model, mapping))
     return weights

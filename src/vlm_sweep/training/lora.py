@@ -9,14 +9,11 @@ exactly what the patterns say.
 
 from __future__ import annotations
 
-from vlm_sweep.errors import LoraTargetError  # noqa: F401 (defined there, re-exported here)
-
 import fnmatch
 from typing import Any, List
 
+from vlm_sweep.errors import LoraTargetError  # noqa: F401 (defined there, re-exported here)
 from vlm_sweep.models.registry import ModelFamily, component_of
-
-
 
 
 def _matches(name: str, patterns: List[str]) -> bool:

@@ -1,4 +1,4 @@
-"""The training loop: one readable place, driven by the config.
+"""The training loop: one readable place, driven by a ``TrainerSettings`` (no config tree).
 
 Per optimizer step: fetch ``accum`` micro-batches, count their label tokens
 across all ranks, and backpropagate ``sum of token losses / global label
@@ -16,13 +16,15 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from vlm_sweep.rundir import RunDir
 from vlm_sweep.training.guards import DataHealth, StopSignal, StoppedWhileReading
-from vlm_sweep.training.flops import step_report
+from vlm_sweep.training.mfu import step_report
 from vlm_sweep.training.loss import count_label_tokens, summed_token_loss
+from vlm_sweep.training.settings import TrainerSettings
 from vlm_sweep.training.distributed import full_tensor, is_fsdp, no_gradient_sync, unsharded
 
 log = logging.getLogger(__name__)
@@ -71,11 +73,12 @@ def peak_memory_gb(device: torch.device) -> float:
 class Trainer:
     """Owns the loop; the recipe (vlm_sweep.train) builds and hands it the parts."""
 
-    def __init__(self, *, cfg: Any, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
+    def __init__(self, *, settings: TrainerSettings, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
                  train_loader: Any, val_loader: Any, tracker: Any, run_dir: Path,
-                 save_fn: Any, processor: Any = None, eval_samples: Optional[List[Any]] = None,
-                 media_kwargs: Any = None) -> None:
-        self.cfg = cfg
+                 save_fn: Callable[["Trainer", Dict[str, float]], None], processor: Any = None,
+                 eval_samples: Optional[List[Any]] = None, media_kwargs: Any = None) -> None:
+        """``save_fn(trainer, metrics)`` checkpoints at checkpoint steps (``Checkpointer.save``)."""
+        self.settings = settings
         self.acc = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -89,20 +92,20 @@ class Trainer:
         self.eval_samples = eval_samples or []
         self.media_kwargs = media_kwargs
         self.stop_signal: Optional[int] = None
-        steps = cfg.step_scheduler
-        self.accum = steps.global_batch_size // (steps.micro_batch_size * accelerator.num_processes)
+        self.accum = settings.global_batch_size // (settings.micro_batch_size * accelerator.num_processes)
         self.step = 0
         self.history: Dict[str, Any] = {}
         self._batches: Optional[Iterator[Dict[str, Any]]] = None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.fsdp = is_fsdp(model)
         self.stopper: Optional[StopSignal] = None
-        from vlm_sweep.training.flops import FlopCounter, peak_tflops
+        from vlm_sweep.training.flops import FlopCounter
+        from vlm_sweep.training.mfu import peak_tflops
 
-        self.flops = FlopCounter(model, cfg.model.family)
-        self.peak_tflops = peak_tflops(accelerator.device, override=cfg.tracking.peak_tflops)
-        self.data_health = DataHealth(len(train_loader.dataset), cfg.dataset.min_usable_fraction,
-                                      cfg.dataset.name)
+        self.flops = FlopCounter(model, settings.family)
+        self.peak_tflops = peak_tflops(accelerator.device, override=settings.peak_tflops)
+        self.data_health = DataHealth(len(train_loader.dataset), settings.min_usable_fraction,
+                                      settings.dataset_name)
 
     # -- data ---------------------------------------------------------------------------
     def next_batch(self) -> Dict[str, Any]:
@@ -161,7 +164,7 @@ class Trainer:
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip to optimizer.max_grad_norm (inf: measure only); returns the pre-clip norm, on the device."""
-        max_norm = self.cfg.optimizer.max_grad_norm or float("inf")
+        max_norm = self.settings.max_grad_norm or float("inf")
         if self.fsdp:
             return full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
         return self.acc.clip_grad_norm_(self.trainable, max_norm)
@@ -199,7 +202,7 @@ class Trainer:
         self.model.eval()
         loss_sum = torch.zeros((), device=self.acc.device)
         tokens = torch.zeros((), device=self.acc.device)
-        limit = self.cfg.step_scheduler.max_val_batches
+        limit = self.settings.max_val_batches
         for i, batch in enumerate(self.val_loader):
             if limit is not None and i >= limit:
                 break
@@ -218,13 +221,13 @@ class Trainer:
         from vlm_sweep.inference.generate import SamplingConfig
         from vlm_sweep.inference.score import evaluate_samples
 
-        ecfg = self.cfg.eval
+        settings = self.settings
         model = self.acc.unwrap_model(self.model)
         model.eval()
         with self.acc.autocast(), unsharded(model):
             metrics, _ = evaluate_samples(
-                model, self.processor, self.eval_samples, self.cfg.dataset.format,
-                SamplingConfig(max_new_tokens=ecfg.max_new_tokens), batch_size=ecfg.batch_size,
+                model, self.processor, self.eval_samples, settings.record_format,
+                SamplingConfig(max_new_tokens=settings.eval_max_new_tokens), batch_size=settings.eval_batch_size,
                 # Under FSDP every rank must run the same forwards: each generates for all records.
                 rank=0 if self.fsdp else self.acc.process_index,
                 world_size=1 if self.fsdp else self.acc.num_processes, media_kwargs=self.media_kwargs)
@@ -236,7 +239,7 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         self.tracker.log_metrics(metrics, step)  # a point the tracker already has is dropped there
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+        with open(RunDir(self.run_dir).metrics, "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def _measure(self, metrics: Dict[str, float], progress: Any, *, val: bool, gen: bool) -> None:
@@ -256,7 +259,7 @@ class Trainer:
         """Train to max_steps (or until a stop signal). Returns the final MLflow status."""
         from vlm_sweep.console import ProgressReporter
 
-        steps = self.cfg.step_scheduler
+        steps = self.settings
         self.stopper = stopper = StopSignal()
         progress = ProgressReporter(steps.max_steps, self.step, self.acc.is_main_process, steps.log_every_steps)
         window = LogWindow()
@@ -308,13 +311,13 @@ class Trainer:
     def _after_step(self, stats: StepStats, window: LogWindow, stopper: StopSignal,
                     progress: Any) -> Tuple[bool, bool]:
         """Validate, evaluate, log and checkpoint as due. Returns (a stop signal ends the run here, logged)."""
-        steps, step = self.cfg.step_scheduler, self.step
+        steps, step = self.settings, self.step
         last = step == steps.max_steps
         save_due = last or step % steps.ckpt_every_steps == 0
         stop = self._stop_requested(stopper, force_check=save_due)
         save = stop or save_due
-        best = self.cfg.checkpoint.best_metric if save else None
-        every_eval = self.cfg.eval.every_steps
+        best = steps.best_metric if save else None
+        every_eval = steps.eval_every_steps
         val = last or step % steps.val_every_steps == 0 or best == "val_loss"
         gen = bool(every_eval) and (last or step % every_eval == 0) or bool(best and best.startswith("eval/"))
         gen = gen and bool(self.eval_samples)

@@ -19,7 +19,7 @@ from vlm_sweep.data.sets import DatasetSpec
 
 def to_conversation(record: Dict[str, Any], dataset_cfg: Any) -> Conversation:
     """Image + ``dataset.prompt`` -> the Donut token string of the first parse."""
-    from vlm_sweep.data.cord import cord_record_to_conversation
+    from vlm_sweep.donut import cord_record_to_conversation
 
     return cord_record_to_conversation(record, prompt=dataset_cfg.prompt)
 

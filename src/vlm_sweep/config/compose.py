@@ -1,0 +1,57 @@
+"""The run config composed outside ``launch.py``: from the conf/ shipped with the package.
+
+Commands that score or inspect a checkpoint compose the same config tree a run uses, and
+default the data set to the one the checkpoint was trained on (with its settings).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+
+def _overridden_keys(overrides: List[str], prefix: str) -> List[str]:
+    """Keys under ``prefix.`` that the command line sets (``dataset.split=test`` -> ``split``)."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o or o.startswith("~")]
+    return [k[len(prefix) + 1:] for k in keys if k.startswith(f"{prefix}.")]
+
+
+def with_run_dataset(cfg: Any, overrides: List[str], run_config: Optional[dict]) -> Any:
+    """``cfg`` whose data set settings are the run's (path, format, pixel budget, ...).
+
+    A run trained on ``dataset.path=DIR`` is evaluated on DIR, not on the hub id its dataset
+    config names. ``dataset=<name>`` on the command line picks another data set (nothing is
+    reused); ``dataset.<key>=...`` overrides win over the run's value for that key.
+    """
+    from omegaconf import OmegaConf, open_dict
+
+    if not run_config or "dataset" not in run_config or any(o.startswith("dataset=") for o in overrides):
+        return cfg
+    known = set(cfg.dataset.keys())
+    run_dataset = OmegaConf.create({k: v for k, v in run_config["dataset"].items() if k in known})
+    merged = OmegaConf.merge(cfg.dataset, run_dataset)
+    for key in _overridden_keys(overrides, "dataset"):  # the command line's value, as Hydra composed it
+        with open_dict(merged):
+            OmegaConf.update(merged, key, OmegaConf.select(cfg.dataset, key), merge=False)
+    cfg.dataset = merged
+    return cfg
+
+
+def compose_eval_config(overrides: List[str], run_config: Optional[dict]) -> Any:
+    """The composed config; the data set defaults to the checkpoint's own, with its settings."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vlm_sweep.config.paths import conf_dir
+    from vlm_sweep.config.schema import register_configs
+
+    conf = conf_dir()
+    composed = list(overrides)
+    if run_config and not any(o.startswith("dataset=") for o in overrides):
+        name = run_config["dataset"]["name"]
+        if (conf / "dataset" / f"{name}.yaml").exists():
+            composed = [f"dataset={name}", *overrides]
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=composed)
+    return with_run_dataset(cfg, overrides, run_config)
