@@ -20,6 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models on 2 cores: one thread per process avoids oversubscription when jobs run side by side.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 CACHE = Path(os.environ["VLM_SWEEP_CACHE"])
+# Every model family, as its tiny model config (conf/model/<name>.yaml): the family contract tests are
+# parametrised over this one list, so a new family is one row here (test_tiny_models checks none is missing).
+FAMILIES = ["tiny_gemma3", "tiny_qwen2_5_vl", "tiny_nemotron_vl"]
 
 
 def compose(overrides: List[str] | None = None):
@@ -34,6 +37,18 @@ def compose(overrides: List[str] | None = None):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides or []))
+
+
+def tiny_processor(recipe: str):
+    """The processor of a tiny model (``recipe``: gemma3, qwen2_5_vl, nemotron_vl), built if needed,
+    loaded with the registry's processor settings as training loads it."""
+    from transformers import AutoProcessor
+
+    from vlm_sweep.models.registry import get_family
+    from vlm_sweep.models.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(recipe, CACHE / "models" / f"tiny_{recipe}")
+    return AutoProcessor.from_pretrained(model_dir, **get_family(recipe).processor_kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose
+from conftest import FAMILIES, compose
 
-FAMILIES = ["tiny_gemma3", "tiny_qwen2_5_vl", "tiny_nemotron_vl"]
 
 
 def _model_and_batch(model_name, receipts_dir, checkpointing):

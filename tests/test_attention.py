@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose
-
-FAMILIES = ["tiny_gemma3", "tiny_qwen2_5_vl", "tiny_nemotron_vl"]
+from conftest import FAMILIES, compose
 
 
 @pytest.mark.parametrize("model_name", FAMILIES)
@@ -34,6 +32,8 @@ def test_hub_configs_use_the_fastest_correct_attention():
 
     for name in ("gemma3", "qwen2_5_vl"):
         assert compose([f"model={name}"]).model.attn_implementation == "auto"
+    # Nemotron's remote-code class declares no SDPA support: the checkpoint's own setting is kept.
+    assert compose(["model=nemotron_nano_v2_vl"]).model.attn_implementation is None
     # No CUDA (or no flash_attn) here: auto is SDPA, which the test above holds equal to eager.
     assert resolve_attention("auto") == "sdpa"
     assert resolve_attention("eager") == "eager" and resolve_attention(None) is None

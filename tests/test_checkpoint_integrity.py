@@ -21,10 +21,9 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import compose
+from conftest import FAMILIES, compose
 from vlm_sweep.training import checkpoint as ckpt
 
-FAMILIES = ["tiny_gemma3", "tiny_qwen2_5_vl", "tiny_nemotron_vl"]
 
 
 @dataclass

@@ -8,21 +8,15 @@ import logging
 import pytest
 from PIL import Image
 
-from conftest import CACHE
+from conftest import tiny_processor
 from vlm_sweep.data import fixture_parts
 from vlm_sweep.data.collate import VLMCollator
 from vlm_sweep.data.datasets import BadRecordError, Sample
 from vlm_sweep.data.media import load_video_frames
-from vlm_sweep.models.registry import get_family
 
 
 def _processor(family: str):
-    from transformers import AutoProcessor
-
-    from vlm_sweep.models.tiny import build_tiny_model
-
-    model_dir = build_tiny_model(family, CACHE / "models" / f"tiny_{family}")
-    return AutoProcessor.from_pretrained(model_dir, **get_family(family).processor_kwargs)
+    return tiny_processor(family)
 
 
 @pytest.fixture(scope="module")

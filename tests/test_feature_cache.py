@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CACHE
+from conftest import tiny_processor
 from vlm_sweep.data import fixture_parts as fixtures
 from vlm_sweep.data.collate import VLMCollator
 from vlm_sweep.data.datasets import Sample
@@ -19,12 +19,7 @@ FAMILIES = ["gemma3", "qwen2_5_vl", "nemotron_vl"]
 
 
 def _processor(family: str):
-    from transformers import AutoProcessor
-
-    from vlm_sweep.models.tiny import build_tiny_model
-
-    model_dir = build_tiny_model(family, CACHE / "models" / f"tiny_{family}")
-    return AutoProcessor.from_pretrained(model_dir, **get_family(family).processor_kwargs)
+    return tiny_processor(family)
 
 
 @pytest.fixture(scope="module")

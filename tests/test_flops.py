@@ -10,13 +10,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import compose
+from conftest import FAMILIES, compose
 from vlm_sweep.models.registry import ModelFamily, get_family
 from vlm_sweep.training.flops import FlopCounter, StepTally
 from vlm_sweep.training.mfu import peak_tflops, step_report
 from vlm_sweep.training.loss import SMALL_LOGITS_BYTES, output_head, summed_token_loss
 
-FAMILIES = ["tiny_gemma3", "tiny_qwen2_5_vl", "tiny_nemotron_vl"]
 FULL, LORA = ("none", "none"), ("lora", "vision_frozen")  # (peft, freeze): full fine-tuning / the LoRA default
 TOLERANCE = 0.10  # Nemotron's Mamba scan runs as a reference einsum chain that is a bit costlier than SSD
 

@@ -1,11 +1,13 @@
-"""Freezing by component and LoRA targeting read the registry and do exactly what the config says."""
+"""Freezing by component and LoRA targeting read the registry and do exactly what the config says, for every
+family (conftest.FAMILIES); Nemotron's Mamba projections in LoRA's defaults are in tests/test_nemotron.py."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from conftest import compose
+from conftest import FAMILIES, compose
 from vlm_sweep.models.registry import COMPONENT_ORDER, component_of, get_family
 from vlm_sweep.training.freeze import FLAG_TO_COMPONENT, apply_freeze, trainable_by_component
 from vlm_sweep.training.lora import LoraTargetError, apply_lora, select_lora_targets
@@ -19,7 +21,7 @@ def _load(model_name: str):
     return model, get_family(cfg.model.family)
 
 
-@pytest.fixture(scope="module", params=["tiny_gemma3", "tiny_qwen2_5_vl"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def loaded(request):
     return _load(request.param)
 
@@ -29,12 +31,21 @@ def _freeze_cfg(**flags):
     return OmegaConf.create({**base, **flags})
 
 
+def _linears(model, family) -> list:
+    """Every nn.Linear but the output head, in module order."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and component_of(family, n) != "lm_head"]
+
+
 def test_every_parameter_has_a_component(loaded):
     model, family = loaded
     unclassified = [n for n, _ in model.named_parameters() if component_of(family, n) is None]
     assert unclassified == []
     present = {component_of(family, n) for n, _ in model.named_parameters()}
-    assert {"embeddings", "vision_tower", "vision_projection", "language_model"} <= present
+    head = model.get_submodule(family.components["lm_head"][0])
+    tied = head.weight is model.get_input_embeddings().weight  # Gemma ties lm_head to the embeddings
+    expected = {"embeddings", "vision_tower", "vision_projection", "language_model"} | (set() if tied else {"lm_head"})
+    assert present == expected
 
 
 @pytest.mark.parametrize("flag", [f for f in FLAG_TO_COMPONENT if f != "freeze_audio_tower"])
@@ -49,12 +60,14 @@ def test_each_freeze_flag_freezes_exactly_its_component(loaded, flag):
     for name, param in model.named_parameters():
         component = component_of(family, name)
         assert param.requires_grad == (component not in covered), (flag, name)
+    assert set(trainable_by_component(model, family)) == {component_of(family, n) for n, _ in model.named_parameters()
+                                                          } - covered
 
 
 def test_audio_flag_is_a_registry_lookup(loaded):
-    """Families without an audio tower declare none: the flag changes nothing for them."""
+    """A model without audio parameters (none declared, or Nemotron's omni audio branch absent) is untouched."""
     model, family = loaded
-    assert family.components["audio_tower"] == ()
+    assert not any(component_of(family, n) == "audio_tower" for n, _ in model.named_parameters())
     for p in model.parameters():
         p.requires_grad_(True)
     counts = apply_freeze(model, family, _freeze_cfg(freeze_audio_tower=True))
@@ -69,18 +82,14 @@ def test_lora_adapts_only_language_model_linears(loaded):
     assert not any("lm_head" in t for t in targets)
 
 
-def test_lora_vision_also_adapts_vision_tower_and_projector(loaded):
-    import torch
-
+@pytest.mark.parametrize("peft", ["lora_vision", "lora_all"])
+def test_lora_all_adapts_every_linear_but_lm_head(loaded, peft):
     model, family = loaded
-    targets = select_lora_targets(model, family, compose(["peft=lora_vision"]).peft)
-    components = {component_of(family, t) for t in targets}
-    linear_components = {component_of(family, n) for n, m in model.named_modules()
-                         if isinstance(m, torch.nn.Linear)}
+    targets = select_lora_targets(model, family, compose([f"peft={peft}"]).peft)
+    assert targets == _linears(model, family)
     # Gemma 3's projector is a bare weight matrix (no nn.Linear): LoRA cannot adapt it;
     # train it fully with freeze.freeze_vision_projection=false instead.
-    assert linear_components - {"lm_head"} == components
-    assert {"language_model", "vision_tower"} <= components
+    assert {"language_model", "vision_tower"} <= {component_of(family, t) for t in targets}
 
 
 def test_target_and_exclude_globs(loaded):
@@ -93,16 +102,48 @@ def test_target_and_exclude_globs(loaded):
         select_lora_targets(model, family, compose(["peft=lora", "peft.target_modules=[*nothing*]"]).peft)
 
 
-def test_lora_then_freeze_false_trains_that_component_fully():
-    """Nemotron guide setting (a): LoRA on the LM, vision tower and projector fully trained."""
-    model, family = _load("tiny_gemma3")
-    peft_model = apply_lora(model, family, compose(["peft=lora"]).peft)
-    apply_freeze(peft_model, family, _freeze_cfg(freeze_vision_tower=False, freeze_vision_projection=False,
-                                                 freeze_language_model=True))
-    by_component = trainable_by_component(peft_model, family)
+def _guide_setting(model_name: str, peft: str, freeze: str):
+    """(model, family, its linears before LoRA) as training sets it up: the PEFT method with the freeze
+    config, then the freeze flags."""
+    model, family = _load(model_name)
+    linears = _linears(model, family)
+    cfg = compose([f"model={model_name}", f"peft={peft}", f"freeze={freeze}"])
+    model = apply_lora(model, family, cfg.peft, cfg.freeze)
+    apply_freeze(model, family, cfg.freeze)
+    return model, family, linears
+
+
+def _base_name(name: str) -> str:
+    """A parameter's name in the unwrapped model (PEFT's trained copy or kept original of a module)."""
+    name = name.split("base_model.model.", 1)[-1]
+    return name.replace("modules_to_save.default.", "").replace("original_module.", "")
+
+
+@pytest.mark.parametrize("model_name", FAMILIES)
+def test_guide_setting_a_lora_on_lm_vision_and_projection_fully_trained(model_name):
+    """Nemotron guide setting (a), peft=lora freeze=lora_lm_train_vision: LoRA on the LM, every weight of the
+    vision tower and projector trained fully, nothing else."""
+    model, family, _ = _guide_setting(model_name, "lora", "lora_lm_train_vision")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapters = {n for n in trainable if "lora_" in n}
+    assert adapters and {component_of(family, n) for n in adapters} == {"language_model"}
+    vision = {_base_name(n) for n, _ in model.named_parameters()
+              if "lora_" not in n and component_of(family, n) in ("vision_tower", "vision_projection")}
+    assert vision and {_base_name(n) for n in trainable - adapters} == vision
+    # The log's breakdown shows the adapters and the fully trained vision tower and projector apart.
+    by_component = trainable_by_component(model, family)
     assert set(by_component) == {"adapters", "vision_tower", "vision_projection"}
-    adapted = {component_of(family, n) for n, _ in peft_model.named_parameters() if "lora_" in n}
-    assert adapted == {"language_model"}
+    assert by_component["adapters"] == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert sum(by_component.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("model_name", FAMILIES)
+def test_guide_setting_b_lora_everywhere_base_frozen(model_name):
+    """Nemotron guide setting (b), peft=lora_all freeze=base_frozen: only adapters train, on every linear."""
+    model, family, linears = _guide_setting(model_name, "lora_all", "base_frozen")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {_base_name(n).split(".lora_")[0] for n in trainable} == set(linears)
 
 
 def test_component_order_is_most_specific_first():

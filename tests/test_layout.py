@@ -7,6 +7,7 @@ are dependencies too; ``if TYPE_CHECKING:`` blocks excluded), relative imports r
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Set
 
@@ -147,3 +148,35 @@ def test_no_import_cycles_between_modules(graph):
 def test_no_import_cycles_between_top_level_parts(graph):
     cycles = _part_cycles(graph)
     assert not cycles, f"import cycles between vlm_sweep's parts: {_describe(cycles)}"
+
+
+FAMILY_WORDS = re.compile(r"gemma|qwen|nemotron|siglip|mamba", re.IGNORECASE)
+# Where family knowledge belongs: the registry (as data), the tiny builders, and per-data-set modules.
+FAMILY_HOMES = ("models/registry.py", "models/tiny/", "data/sets/")
+
+
+def _code_strings(tree: ast.AST) -> Iterator[ast.Constant]:
+    """String constants that are not docstrings."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node
+
+
+def test_no_generic_module_names_a_model_family():
+    """Family knowledge is data in the registry: generic code (loop, data path, loss, CLIs, ...) never
+    branches on or spells a family (comments and docstrings may mention one as an example)."""
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith(FAMILY_HOMES):
+            continue
+        tree = ast.parse(path.read_text())
+        offenders += [f"{rel}:{node.lineno}: {node.value!r}" for node in _code_strings(tree)
+                      if FAMILY_WORDS.search(node.value)]
+        offenders += [f"{rel}:{node.lineno}: {node.id}" for node in ast.walk(tree)
+                      if isinstance(node, ast.Name) and FAMILY_WORDS.search(node.id)]
+    assert not offenders, "generic modules naming a model family:\n" + "\n".join(offenders)

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compose
+from conftest import FAMILIES, compose
 from vlm_sweep.training.loss import IGNORE_INDEX, SMALL_LOGITS_BYTES, labelled_positions, summed_token_loss
 
-FAMILIES = ["tiny_gemma3", "tiny_qwen2_5_vl", "tiny_nemotron_vl"]
 
 
 def _reference_loss(model, batch):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from conftest import ROOT, compose
+from conftest import FAMILIES, ROOT, compose
 from vlm_sweep.config.validate import ConfigError
 from vlm_sweep.data.sets import get_spec
 from vlm_sweep.data.collate import VLMCollator
@@ -26,7 +26,7 @@ from vlm_sweep.data.sampler import ShardedIndexSampler
 from vlm_sweep.inspect import find_conf_dir, load_processor_only
 from vlm_sweep.models.registry import get_family
 
-MODELS = ["tiny_gemma3", "tiny_qwen2_5_vl", "tiny_nemotron_vl"]
+MODELS = FAMILIES
 _PROCESSORS: dict = {}
 
 

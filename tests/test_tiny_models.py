@@ -1,4 +1,9 @@
-"""Tiny stand-in models: built from the real classes, loaded through the hub's from_pretrained path, fast on CPU."""
+"""Tiny stand-in models: built from the real classes, loaded through the hub's from_pretrained path, fast on CPU.
+
+Every family in conftest.FAMILIES is a row of the parametrised tests here; facts of one family only (its special
+ids, its chat template's exact text, its video encoding) have their own tests (Nemotron's: tests/test_nemotron.py).
+Generation (left-padded batches answer like single prompts) is held for every family in test_family_inference.py.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +18,41 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import FAMILIES, ROOT
+from vlm_sweep.models.registry import component_of, family_for_model_type, get_family
 from vlm_sweep.models.tiny import MARKER, RECIPE_VERSION, build_tiny_model, known_recipes
 
+# Per tiny recipe: classes, the template's user and assistant headers, what it puts between an answer and the
+# end-of-turn token, image tokens per 64x64 image, a forward+backward time bound, and vision-path parameters
+# an image batch does not use (video-only).
 EXPECTED = {
     "gemma3": dict(
         model_cls="Gemma3ForConditionalGeneration", processor_cls="Gemma3Processor", tokenizer_cls="GemmaTokenizer",
-        header="<start_of_turn>model\n", end="<end_of_turn>", image_tokens=16,
+        user="<start_of_turn>user\n", header="<start_of_turn>model\n", sep="", end="<end_of_turn>",
+        image_tokens=16, step_s=0.2, video_only=(),
     ),
     "qwen2_5_vl": dict(
         model_cls="Qwen2_5_VLForConditionalGeneration", processor_cls="Qwen2_5_VLProcessor",
-        tokenizer_cls="Qwen2Tokenizer", header="<|im_start|>assistant\n", end="<|im_end|>",
+        tokenizer_cls="Qwen2Tokenizer", user="<|im_start|>user\n", header="<|im_start|>assistant\n", sep="",
+        end="<|im_end|>",
         image_tokens=4,  # 64x64 -> smart_resize 56x56 -> 4x4 patches of 14 -> 2x2 after the 2x2 merge
+        step_s=0.2, video_only=(),
+    ),
+    "nemotron_vl": dict(
+        model_cls="NemotronH_Omni_Reasoning_V3", processor_cls="NemotronH_Omni_Reasoning_V3Processor",
+        tokenizer_cls="TokenizersBackend", user="<SPECIAL_11>User\n", header="<SPECIAL_11>Assistant\n<think>\n",
+        sep="\n", end="<SPECIAL_12>",
+        image_tokens=4,  # 64 px / 16 px patches -> 4x4 -> 2x2 after the pixel shuffle
+        step_s=0.5,  # Mamba2 on its PyTorch path
+        video_only=("vision_model.embeddings.video_patch_projection",),
     ),
 }
-RECIPES = sorted(EXPECTED)
+MODEL_YAMLS = {name: OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml") for name in FAMILIES}
+FAMILY_OF = {y.tiny_recipe: y.family for y in MODEL_YAMLS.values()}  # tiny recipe -> registry family
+RECIPES = sorted(FAMILY_OF)
 ANSWERS = ["<s_total>12</s_total>", "<s_menu><s_nm>ICE TEA</s_nm><s_cnt>2</s_cnt><sep/></s_menu>"]
 
 
@@ -50,10 +74,11 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def loaded(tiny_dirs: dict[str, Path]) -> dict[str, tuple]:
-    """(model, processor) per recipe, loaded exactly as a hub id would be."""
+    """(model, processor) per recipe, loaded exactly as a hub id would be (plus the registry's processor kwargs:
+    Nemotron's hub tokenizer has no pad token)."""
     return {
         recipe: (transformers.AutoModelForImageTextToText.from_pretrained(path),
-                 transformers.AutoProcessor.from_pretrained(path))
+                 transformers.AutoProcessor.from_pretrained(path, **get_family(FAMILY_OF[recipe]).processor_kwargs))
         for recipe, path in tiny_dirs.items()
     }
 
@@ -94,7 +119,15 @@ def _find(seq: list[int], sub: list[int]) -> int:
 def test_unknown_recipe_lists_known(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="gemma3.*qwen2_5_vl"):
         build_tiny_model("llama", tmp_path / "x")
-    assert set(known_recipes()) == set(RECIPES) | {"nemotron_vl"}  # nemotron_vl: tests/test_nemotron.py
+    assert set(RECIPES) <= set(known_recipes())
+
+
+def test_every_family_with_a_tiny_model_is_a_test_row() -> None:
+    """A family added with a tiny model config but not to conftest.FAMILIES would skip every contract test."""
+    tiny = {OmegaConf.load(p).family for p in (ROOT / "conf" / "model").glob("*.yaml")
+            if OmegaConf.load(p).get("tiny_recipe")}
+    assert tiny == set(FAMILY_OF.values())
+    assert set(EXPECTED) == set(RECIPES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -103,7 +136,8 @@ def test_loads_through_auto_classes(recipe: str, tiny_dirs: dict[str, Path], loa
     exp = EXPECTED[recipe]
     assert type(model).__name__ == exp["model_cls"]
     # AutoProcessor silently falls back to a bare tokenizer when the processor can't be built: check the type.
-    assert type(processor).__name__ == exp["processor_cls"]
+    assert type(processor).__name__ == exp["processor_cls"] == get_family(FAMILY_OF[recipe]).processor_class
+    assert family_for_model_type(model.config.model_type) == FAMILY_OF[recipe]  # exported dirs find their family
     assert type(processor.tokenizer).__name__ == exp["tokenizer_cls"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dirs[recipe])
     assert type(tokenizer).__name__ == exp["tokenizer_cls"] and tokenizer.chat_template
@@ -155,6 +189,9 @@ def test_processor_batch_has_images_and_image_tokens(recipe: str, loaded: dict) 
         assert batch["pixel_values"].shape == (2, 3, 64, 64)
         assert (batch["token_type_ids"] == 1).sum().item() == 2 * 16  # drives bidirectional attention on images
         assert ((batch["input_ids"] == model.config.boi_token_id).sum(dim=1) == 1).all()
+    elif recipe == "nemotron_vl":
+        assert batch["image_grid_hw"].tolist() == [[4, 4]] * 2  # 64 px / 16 px patches
+        assert batch["pixel_values"].shape == (2 * 16, 3 * 16 * 16)
     else:
         assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
         assert batch["pixel_values"].shape == (2 * 16, 3 * 2 * 14 * 14)
@@ -174,11 +211,13 @@ def test_forward_backward_is_finite_and_fast(recipe: str, loaded: dict) -> None:
         timings.append(time.perf_counter() - start)
     model.eval()
     assert torch.isfinite(loss) and loss.item() > 0
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    vision = [g for n, g in grads.items() if "visual" in n or "vision_tower" in n]
-    assert vision and all(g is not None for g in vision), "vision tower received no gradient"
-    assert any(g is not None and g.abs().sum() > 0 for g in vision)
-    assert min(timings) < 0.2, f"forward+backward took {min(timings):.3f}s"
+    family = get_family(FAMILY_OF[recipe])
+    image_path = {n: p.grad for n, p in model.named_parameters()  # the vision tower and projector, by the registry
+                  if component_of(family, n) in ("vision_tower", "vision_projection")
+                  and not n.startswith(EXPECTED[recipe]["video_only"])}
+    assert {component_of(family, n) for n in image_path} == {"vision_tower", "vision_projection"}
+    assert [n for n, g in image_path.items() if g is None or not g.abs().sum() > 0] == [], "no gradient"
+    assert min(timings) < EXPECTED[recipe]["step_s"], f"forward+backward took {min(timings):.3f}s"
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -193,23 +232,6 @@ def test_image_changes_the_logits(recipe: str, loaded: dict) -> None:
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_generate_produces_tokens(recipe: str, loaded: dict) -> None:
-    model, processor = loaded[recipe]
-    prompts = [_conversation(i, "")[:1] for i in range(2)]
-    processor.tokenizer.padding_side = "left"  # generation needs left padding (Qwen's default is right)
-    try:
-        inputs = processor.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                               return_tensors="pt", processor_kwargs={"padding": True})
-    finally:
-        processor.tokenizer.padding_side = type(processor.tokenizer).padding_side
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    new = out[:, inputs["input_ids"].shape[1]:]
-    assert new.shape[0] == 2 and new.shape[1] >= 1
-    assert all(isinstance(s, str) for s in processor.batch_decode(new, skip_special_tokens=True))
-
-
-@pytest.mark.parametrize("recipe", RECIPES)
 def test_header_tokens_are_stable(recipe: str, loaded: dict) -> None:
     """The assistant header tokenizes the same alone and followed by an answer, so labels can be masked by search."""
     tok = loaded[recipe][1].tokenizer
@@ -218,8 +240,8 @@ def test_header_tokens_are_stable(recipe: str, loaded: dict) -> None:
     for answer in ["Hello world", *ANSWERS, "12,500", "x", "Total: 3.50"]:
         full = tok.encode(f"{header}{answer}{end}\n", add_special_tokens=False)
         assert full[:len(head)] == head, (answer, tok.convert_ids_to_tokens(full))
-    user = "<start_of_turn>user\n" if recipe == "gemma3" else "<|im_start|>user\n"
-    assert tok.encode(user + "Describe", add_special_tokens=False)[:3] == tok.encode(user, add_special_tokens=False)
+    user = tok.encode(EXPECTED[recipe]["user"], add_special_tokens=False)
+    assert tok.encode(EXPECTED[recipe]["user"] + "Describe", add_special_tokens=False)[:len(user)] == user
     # No vocabulary entry glues a newline to text after it.
     for token_id in range(len(tok)):
         piece = tok.decode([token_id])
@@ -236,7 +258,7 @@ def test_answer_span_recoverable_from_batch(recipe: str, loaded: dict) -> None:
     for row, answer in zip(batch["input_ids"].tolist(), ANSWERS):
         start = _find(row, head)
         assert start > 0
-        assert tok.decode(row[start:row.index(end_id, start)]) == answer
+        assert tok.decode(row[start:row.index(end_id, start)]) == answer + EXPECTED[recipe]["sep"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -308,7 +330,7 @@ def test_stale_build_is_replaced_and_foreign_dir_refused(tiny_dirs: dict[str, Pa
 def test_fresh_builds_are_identical(recipe: str, tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     again = build_tiny_model(recipe, tmp_path / recipe)
     for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json",
-                 "processor_config.json", "model.safetensors"]:
+                 "processor_config.json", "generation_config.json", "model.safetensors"]:
         assert (again / name).read_bytes() == (tiny_dirs[recipe] / name).read_bytes(), name
 
 
@@ -375,3 +397,14 @@ def test_every_model_yaml_tiny_recipe_has_a_builder() -> None:
     conf = Path(__file__).resolve().parents[1] / "conf" / "model"
     recipes = {OmegaConf.load(p).get("tiny_recipe") for p in conf.glob("*.yaml")} - {None}
     assert recipes and recipes <= set(known_recipes())
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_collator_markers_come_from_the_chat_template(recipe: str, loaded: dict) -> None:
+    """The label mask's assistant header and end-of-turn token are read off each family's own template."""
+    from vlm_sweep.data.collate import AssistantMarkers
+
+    processor = loaded[recipe][1]
+    markers = AssistantMarkers.from_processor(processor)
+    assert processor.tokenizer.decode(list(markers.header_ids)) == EXPECTED[recipe]["header"]
+    assert markers.end_id == processor.tokenizer.convert_tokens_to_ids(EXPECTED[recipe]["end"])

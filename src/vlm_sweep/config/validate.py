@@ -46,9 +46,6 @@ def world_size() -> int:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first impossible value. Resolves interpolations."""
-    from vlm_sweep.data.sets import all_specs
-    from vlm_sweep.models.registry import MODEL_FAMILIES
-
     from omegaconf.errors import ConfigKeyError
 
     from vlm_sweep.config.schema import RunConfig
@@ -65,9 +62,20 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"config error: {str(err).splitlines()[0]}") from None
 
     _check_missing(cfg)
-    positive = (lambda v: v > 0, "must be > 0")
-    non_negative = (lambda v: v >= 0, "must be >= 0")
+    _check_model_and_data(cfg)
+    _check_training(cfg)
+    _check_eval_and_tracking(cfg)
 
+
+POSITIVE = (lambda v: v > 0, "must be > 0")
+NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+
+
+def _check_model_and_data(cfg: DictConfig) -> None:
+    from vlm_sweep.data.sets import all_specs
+    from vlm_sweep.models.registry import MODEL_FAMILIES
+
+    positive, non_negative = POSITIVE, NON_NEGATIVE
     _choice(cfg, "model.family", sorted(MODEL_FAMILIES))
     _choice(cfg, "model.dtype", ["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"])
     _choice(cfg, "model.attn_implementation",
@@ -95,6 +103,11 @@ def validate_config(cfg: DictConfig) -> None:
             _where(cfg, key, *positive)
     if cfg.dataset.min_pixels is not None and cfg.dataset.max_pixels is not None:
         _where(cfg, "dataset.max_pixels", lambda v: v >= cfg.dataset.min_pixels, "must be >= dataset.min_pixels")
+
+
+def _check_training(cfg: DictConfig) -> None:
+    """freeze, peft, parallel, checkpoint format, optimizer, scheduler and step cadences."""
+    positive, non_negative = POSITIVE, NON_NEGATIVE
     tower, model = cfg.freeze.freeze_vision_tower, cfg.freeze.freeze_vision_model
     _check(tower is None or model is None or tower == model, "freeze.freeze_vision_model",
            "is another name for freeze.freeze_vision_tower and contradicts it", model)
@@ -142,6 +155,11 @@ def validate_config(cfg: DictConfig) -> None:
            f"must be divisible by micro_batch_size x processes = {steps.micro_batch_size} x {processes}",
            steps.global_batch_size)
 
+
+
+def _check_eval_and_tracking(cfg: DictConfig) -> None:
+    """Best-checkpoint metric, generation eval, tracking, seed and the sweep objective."""
+    positive, non_negative = POSITIVE, NON_NEGATIVE
     _choice(cfg, "checkpoint.best_mode", ["max", "min"])
     best = cfg.checkpoint.best_metric
     if best is not None:

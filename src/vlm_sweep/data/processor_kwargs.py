@@ -62,8 +62,10 @@ class MediaKwargs:
     def __call__(self, conversations: Sequence[Sequence[Dict[str, Any]]]) -> Dict[str, Any]:
         videos = videos_in(conversations)
         if videos and self.video_processor is None:
+            from vlm_sweep.models.registry import tiny_model_configs
+
             raise ValueError(f"{self.processor_name} cannot take videos; train video data sets with a "
-                             f"video-capable model (e.g. model=tiny_qwen2_5_vl)")
+                             f"video-capable model (e.g. model={' or '.join(tiny_model_configs(video=True))})")
         out: Dict[str, Any] = {}
         if self.images_kwargs:
             out["images_kwargs"] = dict(self.images_kwargs)

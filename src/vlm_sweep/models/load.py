@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple
 
 from vlm_sweep.errors import ModelLoadError  # noqa: F401 (defined there, re-exported here)
 from vlm_sweep.hub import download_hint, hub_offline, hub_reachable
-from vlm_sweep.models.registry import get_family
+from vlm_sweep.models.registry import get_family, tiny_model_configs
 
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -45,8 +45,7 @@ def preflight_hub_access(source: str, revision: str | None = None) -> None:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is not reachable"
         raise ModelLoadError(
             f"model {source!r} is not in the local cache and {why}: {download_hint(source, revision=revision)}; or point "
-            f"HF_HOME at a cache that has it, or use a tiny model (model=tiny_gemma3, tiny_qwen2_5_vl "
-            f"or tiny_nemotron_vl)."
+            f"HF_HOME at a cache that has it, or use a tiny model (model={' | '.join(tiny_model_configs())})."
         )
 
 

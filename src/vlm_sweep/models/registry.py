@@ -13,7 +13,7 @@ Pure data: importing this module must not import torch or transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 # Most specific first: embeddings and lm_head sit inside/next to the LM,
 # projectors inside/next to the vision tower.
@@ -54,6 +54,15 @@ class ModelFamily:
     def modalities(self) -> Tuple[str, ...]:
         """The media kinds a record may carry for this family, besides text."""
         return ("image", "video") if self.supports_video else ("image",)
+
+
+def tiny_model_configs(video: bool = False) -> List[str]:
+    """``model=`` options that build a tiny stand-in offline (``conf/model/tiny_<family>.yaml``);
+    ``video``: only families that take videos."""
+    from vlm_sweep.models.tiny import known_recipes
+
+    return [f"tiny_{name}" for name in known_recipes()
+            if name in MODEL_FAMILIES and (MODEL_FAMILIES[name].supports_video or not video)]
 
 
 MODEL_FAMILIES: Dict[str, ModelFamily] = {

@@ -9,6 +9,7 @@ frozen under LoRA, where PEFT has already frozen every base weight).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Dict
 
 from vlm_sweep.models.registry import ModelFamily, component_of
@@ -23,6 +24,9 @@ FLAG_TO_COMPONENT = {
     "freeze_vision_projection": "vision_projection",
     "freeze_language_model": "language_model",
 }
+
+
+_PEFT_WRAPPER = re.compile(r"\.(modules_to_save\.[^.]+|original_module)\.")
 
 
 def _is_adapter(name: str) -> bool:
@@ -70,11 +74,13 @@ def count_parameters(model: Any) -> Dict[str, int]:
 
 
 def trainable_by_component(model: Any, family: ModelFamily) -> Dict[str, int]:
-    """Trainable parameter count per component ("adapters" for LoRA weights), for logs and tests."""
+    """Trainable parameter count per component ("adapters" for LoRA weights; PEFT's fully trained
+    copies, ``modules_to_save``, count under their own component), for logs and tests."""
     counts: Dict[str, int] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        key = "adapters" if _is_adapter(name) else (component_of(family, name) or "other")
+        base = _PEFT_WRAPPER.sub(".", name)  # a trained copy's path as the original module's
+        key = "adapters" if "lora_" in name else (component_of(family, base) or "other")
         counts[key] = counts.get(key, 0) + param.numel()
     return counts

@@ -17,15 +17,15 @@ class TrainerSettings:
     max_steps: int
     global_batch_size: int
     micro_batch_size: int
+    family: str  # model family (FLOP accounting by component)
     log_every_steps: int = 1
     val_every_steps: int = 10**9
     ckpt_every_steps: int = 10**9
     max_val_batches: Optional[int] = None
     max_grad_norm: Optional[float] = None  # None/0: measure the norm only
-    family: str = "gemma3"  # model family (FLOP accounting by component)
     peak_tflops: Optional[float] = None  # None: looked up from the device name
     dataset_name: str = "data"
-    record_format: str = "cord_v2"  # the data set spec whose metric scores generations
+    record_format: str = ""  # the data set spec whose metric scores generations
     min_usable_fraction: float = 0.5
     eval_every_steps: Optional[int] = None
     eval_max_new_tokens: int = 256
