@@ -20,9 +20,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models on 2 cores: one thread per process avoids oversubscription when jobs run side by side.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 CACHE = Path(os.environ["VLM_SWEEP_CACHE"])
-# Every model family, as its tiny model config (conf/model/<name>.yaml): the family contract tests are
-# parametrised over this one list, so a new family is one row here (test_tiny_models checks none is missing).
-FAMILIES = ["tiny_gemma3", "tiny_qwen2_5_vl", "tiny_nemotron_vl"]
+
+
+def _tiny_family_configs() -> List[str]:
+    """Every model family, as its tiny stand-in's config (conf/model/<name>.yaml whose ``tiny_recipe``
+    is the family itself; variants such as a bigger demo build are not families)."""
+    from omegaconf import OmegaConf
+
+    configs = {p.stem: OmegaConf.load(p) for p in sorted((ROOT / "conf" / "model").glob("*.yaml"))}
+    return [name for name, c in configs.items() if c.get("tiny_recipe") and c.tiny_recipe == c.family]
+
+
+# The family contract tests are parametrised over this one list, read from conf/model/: a new family's
+# tiny config makes it a row of every contract test (test_tiny_models checks its expectations row).
+FAMILIES = _tiny_family_configs()
 
 
 def compose(overrides: List[str] | None = None):

@@ -123,7 +123,7 @@ def test_unknown_recipe_lists_known(tmp_path: Path) -> None:
 
 
 def test_every_family_with_a_tiny_model_is_a_test_row() -> None:
-    """A family added with a tiny model config but not to conftest.FAMILIES would skip every contract test."""
+    """Every tiny family config is a contract-test row (conftest.FAMILIES) with an expectations row here."""
     tiny = {OmegaConf.load(p).family for p in (ROOT / "conf" / "model").glob("*.yaml")
             if OmegaConf.load(p).get("tiny_recipe")}
     assert tiny == set(FAMILY_OF.values())
