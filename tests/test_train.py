@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -135,15 +134,14 @@ def test_zero_label_step_is_not_nan_and_does_not_move_weights(tmp_path):
 
 
 def test_hub_model_offline_fails_fast_with_clear_message(tmp_path):
-    started = time.monotonic()
+    """Stops before any model or data work (no wall-clock bound: the machine may be busy)."""
     proc = run_launch(["model=gemma3", "peft=lora", f"hydra.run.dir={tmp_path}", "tracking=none"],
                       env={"HF_HUB_OFFLINE": "", "VLM_SWEEP_CACHE": str(tmp_path / "cache")})
-    elapsed = time.monotonic() - started
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "google/gemma-3-4b-it" in lines[0]
     assert "HF_TOKEN" in lines[0] and "tiny_gemma3" in lines[0] and "Traceback" not in proc.stderr
-    assert elapsed < 30
+    assert not (tmp_path / "cache" / "data").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow
