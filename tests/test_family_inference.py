@@ -152,7 +152,9 @@ def test_generate_cli_merged_export_answers_like_the_checkpoint(guide_run, recei
     common = ["--input-jsonl", str(tmp_path / "rows.jsonl"), "--batch-size", "1", "--max-new-tokens", "12",
               "--num-frames", "4"]
     answers = _generate("--checkpoint-path", str(run_dir), *common)
-    assert len(answers) == len(rows) and all(answers) and answers[0] == answers[1]
+    # A 6-step model may answer only whitespace (stripped to ""): the contract is one answer per row, the
+    # same for the same row, and the export answering exactly like the checkpoint (below).
+    assert len(answers) == len(rows) and all(isinstance(a, str) for a in answers) and answers[0] == answers[1]
     merged = tmp_path / "merged"
     export = subprocess.run([sys.executable, "-m", "vlm_sweep.export", "--checkpoint", str(run_dir),
                              "--output", str(merged), "--merge-lora"], cwd=ROOT, capture_output=True, text=True,
