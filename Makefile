@@ -18,11 +18,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps hydra-optuna-sweeper==1.3.0   # see pyproject.toml (optuna pin)
 	touch $(STAMP)
 
-# Train the default experiment, then score the trained model next to the untrained one.
+# A tiny Gemma 3 learns to read receipts into CORD-v2 JSON (conf/experiment/receipts_demo.yaml: ~2 minutes of
+# training on 2 idle cores, ~3.5 on busy ones, after a ~20 s set-up), then is scored next to the untrained model
+# on held-out receipts (~1 minute).
 demo: install
 	@run_dir=outputs/demo/$$(date +%Y-%m-%d_%H-%M-%S); \
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) launch.py hydra.run.dir=$$run_dir && \
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m vlm_sweep.cli.evaluate --checkpoint $$run_dir --compare-base
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) launch.py experiment=receipts_demo hydra.run.dir=$$run_dir && \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m vlm_sweep.cli.evaluate --checkpoint $$run_dir --compare-base --examples 3 \
+		experiment=receipts_demo
 
 test: install
 	$(PY) -m pytest -q

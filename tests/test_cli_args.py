@@ -60,6 +60,20 @@ def test_a_missing_checkpoint_is_one_line_and_exit_2(module, tmp_path):
                                                 f"checkpoints, step_<N>, model or export dir, or a hub id)"]
 
 
+@pytest.mark.parametrize("module", ["vlm_sweep.cli.generate", "vlm_sweep.cli.evaluate", "vlm_sweep.cli.export"])
+def test_a_run_dir_without_a_checkpoint_is_one_line_and_exit_2(module, tmp_path):
+    """A run killed before its first save has a dir (Hydra's .hydra/, a log) but nothing to load."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 42\n")
+    argv = ["--checkpoint", str(run)] + (["--output-dir", str(tmp_path / "out")] if "export" in module else [])
+    proc = subprocess.run([sys.executable, "-m", module, *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: no checkpoint or model in {run} (a run dir that has not "
+                                                "saved a checkpoint yet, or a directory that is not a model)"]
+
+
 def test_evaluate_composes_from_the_installed_package_not_the_working_directory(tmp_path, monkeypatch):
     from vlm_sweep.config.paths import conf_dir
     from vlm_sweep.config.compose import compose_eval_config

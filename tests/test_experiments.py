@@ -17,7 +17,9 @@ from vlm_sweep.config.validate import validate_config
 from vlm_sweep.data.sets import all_specs, get_spec
 from vlm_sweep.train import run
 
-EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+# Experiments built on a tiny model by design (no hub twin), each with the test that runs it.
+DEMOS = {"receipts_demo": "tests/test_demo.py"}
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml") if p.stem not in DEMOS)
 
 # experiment -> (tiny model, fixture writer or None for the built-in synthetic receipts, dataset group)
 TWINS = {
@@ -29,13 +31,18 @@ TWINS = {
     "nemotron_nano_v2_vl_raven_lora_lm": ("tiny_nemotron_vl", "raven", "raven"),
     "nemotron_nano_v2_vl_raven_lora_all": ("tiny_nemotron_vl", "raven", "raven"),
     "nemotron_nano_v2_vl_video": ("tiny_nemotron_vl", "llava_video_178k", "llava_video_178k"),
+    "nemotron_omni_cord_v2": ("tiny_nemotron_vl", None, "synthetic_receipts"),
+    "nemotron_omni_cord_v2_lora": ("tiny_nemotron_vl", None, "synthetic_receipts"),
 }
 HUB_IDS = {"gemma3": "google/gemma-3-4b-it", "qwen2_5_vl": "Qwen/Qwen2.5-VL-3B-Instruct",
-           "nemotron": "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16"}
+           "nemotron": "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16",
+           "nemotron_omni": "nvidia/Nemotron-3-Nano-Omni-30B-A3B-Reasoning-BF16"}
 
 
 def test_every_experiment_has_a_tiny_twin():
     assert set(EXPERIMENTS) == set(TWINS)
+    for demo, test_file in DEMOS.items():  # a demo is its own twin: its test runs it
+        assert (ROOT / "conf" / "experiment" / f"{demo}.yaml").is_file() and demo in (ROOT / test_file).read_text()
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -44,7 +51,7 @@ def test_experiment_composes_with_real_hub_ids(name):
     validate_config(cfg)
     assert cfg.experiment_name == name
     assert cfg.model.pretrained_model_name_or_path in HUB_IDS.values() and cfg.model.tiny_recipe is None
-    assert cfg.model.trust_remote_code == cfg.model.name.startswith("nemotron")
+    assert cfg.model.trust_remote_code == (cfg.model.family == "nemotron_vl_remote")  # only the hub remote-code model
 
 
 def test_published_hyperparameters():
@@ -72,7 +79,8 @@ def test_published_hyperparameters():
 
 
 @pytest.mark.parametrize("experiment,hub_id", [("nemotron_nano_v2_vl_raven", HUB_IDS["nemotron"]),
-                                               ("qwen2_5_vl_3b_cord_v2", HUB_IDS["qwen2_5_vl"])])
+                                               ("qwen2_5_vl_3b_cord_v2", HUB_IDS["qwen2_5_vl"]),
+                                               ("nemotron_omni_cord_v2", HUB_IDS["nemotron_omni"])])
 def test_hub_experiment_fails_fast_offline(tmp_path, experiment, hub_id):
     proc = run_launch([f"experiment={experiment}", f"hydra.run.dir={tmp_path}", "tracking=none"],
                       env={"HF_HUB_OFFLINE": "", "VLM_SWEEP_CACHE": str(tmp_path / "cache")}, timeout=120)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from conftest import FAMILIES, compose
 from vlm_sweep.models.registry import COMPONENT_ORDER, component_of, get_family
 from vlm_sweep.training.freeze import FLAG_TO_COMPONENT, apply_freeze, trainable_by_component
-from vlm_sweep.training.lora import LoraTargetError, apply_lora, select_lora_targets
+from vlm_sweep.training.lora import LoraTargetError, apply_lora, select_lora_parameters, select_lora_targets
 
 
 def _load(model_name: str):
@@ -45,10 +45,18 @@ def test_every_parameter_has_a_component(loaded):
     head = model.get_submodule(family.components["lm_head"][0])
     tied = head.weight is model.get_input_embeddings().weight  # Gemma ties lm_head to the embeddings
     expected = {"embeddings", "vision_tower", "vision_projection", "language_model"} | (set() if tied else {"lm_head"})
-    assert present == expected
+    assert present - {"audio_tower"} == expected  # an audio branch where the model has one (Nemotron Omni's)
+    assert ("audio_tower" in present) == bool(_audio_parts(model, family))
 
 
-@pytest.mark.parametrize("flag", [f for f in FLAG_TO_COMPONENT if f != "freeze_audio_tower"])
+def _audio_parts(model, family) -> list:
+    """The registry's audio paths that are real submodules of this model (none declared, or absent: [])."""
+    return [p for p in family.components["audio_tower"]
+            if isinstance(getattr(model.get_submodule(p.rsplit(".", 1)[0]) if "." in p else model,
+                                  p.rsplit(".", 1)[-1], None), torch.nn.Module)]
+
+
+@pytest.mark.parametrize("flag", list(FLAG_TO_COMPONENT))
 def test_each_freeze_flag_freezes_exactly_its_component(loaded, flag):
     model, family = loaded
     for p in model.parameters():
@@ -65,13 +73,15 @@ def test_each_freeze_flag_freezes_exactly_its_component(loaded, flag):
 
 
 def test_audio_flag_is_a_registry_lookup(loaded):
-    """A model without audio parameters (none declared, or Nemotron's omni audio branch absent) is untouched."""
+    """freeze_audio_tower freezes exactly the audio branch the registry names (Nemotron Omni's Parakeet encoder and
+    its projector); a model without one (none declared, or the omni audio branch absent) is untouched."""
     model, family = loaded
-    assert not any(component_of(family, n) == "audio_tower" for n, _ in model.named_parameters())
     for p in model.parameters():
         p.requires_grad_(True)
     counts = apply_freeze(model, family, _freeze_cfg(freeze_audio_tower=True))
-    assert counts["trainable_params"] == counts["total_params"]
+    audio = sum(p.numel() for n, p in model.named_parameters() if component_of(family, n) == "audio_tower")
+    assert bool(audio) == bool(_audio_parts(model, family))
+    assert counts["total_params"] - counts["trainable_params"] == audio
 
 
 def test_lora_adapts_only_language_model_linears(loaded):
@@ -106,17 +116,19 @@ def _guide_setting(model_name: str, peft: str, freeze: str):
     """(model, family, its linears before LoRA) as training sets it up: the PEFT method with the freeze
     config, then the freeze flags."""
     model, family = _load(model_name)
-    linears = _linears(model, family)
     cfg = compose([f"model={model_name}", f"peft={peft}", f"freeze={freeze}"])
+    # Adapted: the linears, and fused expert weights (MoE LMs) by their module path.
+    linears = _linears(model, family) + [n.rsplit(".", 1)[0] for n in select_lora_parameters(model, family, cfg.peft)]
     model = apply_lora(model, family, cfg.peft, cfg.freeze)
     apply_freeze(model, family, cfg.freeze)
     return model, family, linears
 
 
 def _base_name(name: str) -> str:
-    """A parameter's name in the unwrapped model (PEFT's trained copy or kept original of a module)."""
+    """A parameter's name in the unwrapped model (PEFT's trained copy or kept original of a module, or the
+    nested wrappers of an experts module whose fused parameters each carry an adapter)."""
     name = name.split("base_model.model.", 1)[-1]
-    return name.replace("modules_to_save.default.", "").replace("original_module.", "")
+    return name.replace("modules_to_save.default.", "").replace("original_module.", "").replace(".base_layer", "")
 
 
 @pytest.mark.parametrize("model_name", FAMILIES)

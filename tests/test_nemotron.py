@@ -84,10 +84,15 @@ def test_nemotron_special_ids_and_hybrid_lm(nemotron_dir, plain, framework):
     assert model.config.image_token_id == processor.image_token_id == tok.convert_tokens_to_ids("<image>")
     assert model.generation_config.eos_token_id == [2, 12]
     assert framework[1].tokenizer.pad_token == tok.convert_ids_to_tokens(model.config.text_config.pad_token_id)
-    # Hybrid LM: Mamba2, MLP, attention, MLP; Mamba on the PyTorch path (no kernels installed here).
-    assert model.config.text_config.hybrid_override_pattern == "M-*-"
+    # Hybrid LM: Mamba2, MLP (Nano V2's block), attention, mixture of experts (Omni's block); Mamba on the PyTorch
+    # path (no kernels installed here). The experts are fused 3-D tensors, one slice per routed expert.
+    assert model.config.text_config.hybrid_override_pattern == "M-*E"
     mixers = {type(layer.mixer).__name__ for layer in model.language_model.model.layers}
-    assert mixers == {"NemotronHMamba2Mixer", "NemotronHAttention", "NemotronHMLP"}
+    assert mixers == {"NemotronHMamba2Mixer", "NemotronHAttention", "NemotronHMLP", "NemotronHMoE"}
+    experts = model.language_model.model.layers[3].mixer.experts
+    assert experts.up_proj.dim() == 3 and experts.up_proj.shape[0] == model.config.text_config.n_routed_experts > 1
+    assert type(model.audio_tower).__name__ == "ParakeetEncoder"
+    assert model.config.audio_token_id == processor.audio_token_id == tok.convert_tokens_to_ids("<so_embedding>")
     assert type(model.vision_model).__name__ == "RadioModel"
     assert importlib.util.find_spec("mamba_ssm") is None and importlib.util.find_spec("causal_conv1d") is None
 

@@ -8,7 +8,7 @@ CORD-v2's hub schema, so the synthetic receipts generator (``data/synthetic_rece
 tunes) does not move the numbers. What they depend on: the tiny Gemma 3 builder
 (``models/tiny/gemma3.py``, its ``RECIPE_VERSION``), the CORD-v2 record -> conversation -> Donut target
 (``data/sets/cord_v2.py``, ``data/cord.py``), the collator's label mask, the loss (``training/loss.py``),
-the sampler, the default configs above (``dataset.max_length`` and ``prompt`` from
+the sampler, the default configs above (in fp32: ``parallel.mixed_precision=no``) (``dataset.max_length`` and ``prompt`` from
 ``conf/dataset/synthetic_receipts.yaml``) and the torch/transformers CPU kernels.
 
 A deliberate change to any of these changes the values: rerun this file with ``-s`` (the measured losses are
@@ -65,8 +65,10 @@ def test_default_run_first_losses_are_pinned(tmp_path):
     from vlm_sweep.train import run
 
     data = _write_receipts(tmp_path / "receipts")
+    # fp32: mixed_precision=auto picks bf16 on a CPU with AVX512-BF16/AMX, fp32 elsewhere; the pins hold on both.
     cfg = compose(["tracking=none", "eval=none", "step_scheduler.max_steps=3", "step_scheduler.ckpt_every_steps=3",
-                   f"dataset.path={data}", "dataset.synthetic=null", "dataset.val_split=null"])
+                   f"dataset.path={data}", "dataset.synthetic=null", "dataset.val_split=null",
+                   "parallel.mixed_precision=no"])
     assert cfg.model.name == "tiny_gemma3" and cfg.peft.method == "lora" and cfg.seed == 42
     result = run(cfg, tmp_path / "run")
     assert result.status == "FINISHED" and result.step == 3

@@ -288,6 +288,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_preflight_waits_out_a_server_that_is_slow_to_answer():
+    """A busy server (ten jobs starting on a small node) is alive: a timed-out call is tried again."""
+    import http.server
+    import threading
+    import time
+
+    calls = []
+
+    class SlowThenFast(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            calls.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if len(calls) == 1:
+                time.sleep(1.5)  # longer than the check's timeout: the first try gives up
+            body = b'{"experiments": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowThenFast)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_tracking_store(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=0.5)
+    finally:
+        server.shutdown()
+    assert len(calls) >= 2 and all("experiments/search" in path for path in calls)
+
+
 def test_preflight_refuses_a_server_that_does_not_answer():
     port = _free_port()  # nothing listens there
     with pytest.raises(TrackingError) as err:

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 # -- run dir --
 CONFIG = "config.yaml"
@@ -57,6 +58,7 @@ MANIFEST = "manifest.json"
 BASE_MODEL = "BASE_MODEL"
 EVAL_SUMMARY = "summary.json"
 EVAL_PREDICTIONS = "predictions.jsonl"
+EVAL_EXAMPLES = "examples"  # images of the records `evaluate --examples N` shows
 
 _STEP_DIR = re.compile(rf"^{STEP_PREFIX}(\d+)$")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -84,6 +86,36 @@ def atomic_write(path: PathLike, data: Union[str, bytes]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def install_build(tmp: Path, dest: Path, state_of: Callable[[Path], str], not_a_build: str) -> None:
+    """Move a finished build dir ``tmp`` to ``dest`` atomically, whoever else is building it.
+
+    ``state_of(dest)`` says what ``dest`` holds: 'current' (an identical build: a concurrent
+    builder won the race, its copy is used), 'stale' (an older version's: replaced) or
+    'absent' (no build marker: ``FileExistsError(not_a_build)``, nothing is overwritten).
+    """
+    try:
+        os.rename(tmp, dest)  # atomic; also replaces an *empty* directory
+        return
+    except OSError:
+        state = state_of(dest)
+    if state == "current":
+        return
+    if state == "absent":
+        raise FileExistsError(not_a_build)
+    stale = tmp.with_name(tmp.name.replace(".tmp-", ".stale-"))
+    try:
+        os.rename(dest, stale)
+    except FileNotFoundError:
+        pass  # a concurrent builder already moved it
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        if state_of(dest) != "current":
+            raise
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -49,6 +49,8 @@ FLAGS: Dict[str, Flag] = {
     # Data: evaluate (the data set itself is chosen with Hydra overrides such as dataset.split=test).
     "max_samples": Flag(("--max-samples",), dict(type=int, default=None, help="score only the first N records")),
     "compare_base": Flag(("--compare-base",), dict(action="store_true", help="also score the untrained base model")),
+    "examples": Flag(("--examples",), dict(type=int, default=0, metavar="N", help=(
+        "print the first N records' truth and answer side by side and save their images (default: %(default)s)"))),
     # Outputs.
     "output_format": Flag(("--output-format",), dict(choices=["text", "json"], default="text",
                                                       help="json: parse CORD tag sequences with token2json")),
@@ -61,7 +63,8 @@ FLAGS: Dict[str, Flag] = {
 
 GENERATE = ("checkpoint", "prompt", "image", "video", "num_frames", "input_jsonl", "batch_size", "max_new_tokens",
             "do_sample", "temperature", "top_p", "top_k", "seed", "output_format", "output_file", "dtype")
-EVALUATE = ("checkpoint", "max_samples", "batch_size", "max_new_tokens", "output_dir", "compare_base", "dtype")
+EVALUATE = ("checkpoint", "max_samples", "batch_size", "max_new_tokens", "output_dir", "compare_base", "examples",
+            "dtype")
 EXPORT = ("checkpoint", "output_dir", "merge_lora", "max_shard_size")
 
 

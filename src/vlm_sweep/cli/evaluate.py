@@ -1,13 +1,14 @@
 """Score a checkpoint on a data set split with the task's own metric.
 
     python -m vlm_sweep.cli.evaluate --checkpoint <run|step|model dir|hub id> \\
-        [dataset=cord_v2 dataset.split=test ...] [--max-samples N] [--compare-base]
+        [dataset=cord_v2 dataset.split=test ...] [--max-samples N] [--compare-base] [--examples N]
 
 Hydra-style overrides select the data set (default: the one the checkpoint was trained
 on, with its settings, e.g. a local ``dataset.path``; ``dataset.<key>=`` overrides one).
 Writes ``predictions.jsonl`` (one row per record) and ``summary.json`` to ``--output-dir``
 (default ``<checkpoint>/eval_<dataset>_<split>``) and prints the metrics; ``--compare-base``
-puts the untrained base model's metrics next to them. The config is composed from the
+puts the untrained base model's metrics next to them; ``--examples N`` prints the first N
+records' ground truth and answer one above the other and saves their images under ``examples/``. The config is composed from the
 conf/ shipped with the installed package, so this runs from any directory.
 """
 
@@ -41,6 +42,13 @@ def _main(argv: Optional[List[str]]) -> int:
     print(f"{summary['dataset']}/{summary['split']}: {summary['num_samples']} records, "
           f"predictions in {evaluation.out}")
     print(format_table(evaluation.results))
+    if args.examples > 0:
+        from vlm_sweep.inference.examples import show_examples
+        from vlm_sweep.rundir import EVAL_EXAMPLES, EVAL_PREDICTIONS
+
+        print()
+        print(show_examples(evaluation.rows["fine-tuned"], evaluation.samples, evaluation.out / EVAL_EXAMPLES,
+                            num=args.examples, predictions_path=evaluation.out / EVAL_PREDICTIONS))
     return 0
 
 

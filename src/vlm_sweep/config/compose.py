@@ -28,7 +28,9 @@ def with_run_dataset(cfg: Any, overrides: List[str], run_config: Optional[dict])
         return cfg
     known = set(cfg.dataset.keys())
     run_dataset = OmegaConf.create({k: v for k, v in run_config["dataset"].items() if k in known})
-    merged = OmegaConf.merge(cfg.dataset, run_dataset)
+    with open_dict(cfg.dataset):  # the run's dataset may hold keys its experiment added (dataset.synthetic.*)
+        merged = OmegaConf.merge(cfg.dataset, run_dataset)
+    OmegaConf.set_struct(merged, True)
     for key in _overridden_keys(overrides, "dataset"):  # the command line's value, as Hydra composed it
         with open_dict(merged):
             OmegaConf.update(merged, key, OmegaConf.select(cfg.dataset, key), merge=False)

@@ -87,6 +87,9 @@ def load_for_inference(source: str, *, merge_lora: bool = False, dtype: Optional
     if not model_dir.exists() and _looks_like_a_path(source):
         raise CheckpointError(f"checkpoint not found: {source} (expected a run, checkpoints, step_<N>, "
                               f"model or export dir, or a hub id)")
+    if model_dir.is_dir() and not any((model_dir / name).exists() for name in ("config.json", "adapter_config.json")):
+        raise CheckpointError(f"no checkpoint or model in {source} (a run dir that has not saved a checkpoint yet, "
+                              f"or a directory that is not a model)")
     run_config = _read_run_config(step_dir)
     if (model_dir / "adapter_config.json").exists():
         model, processor, family = _load_adapter(model_dir, run_config, dtype, merge_lora)

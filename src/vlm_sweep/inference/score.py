@@ -72,6 +72,8 @@ class Evaluation:
     out: Path
     summary: Dict[str, Any]
     results: Dict[str, Metrics] = field(default_factory=dict)
+    rows: Dict[str, Rows] = field(default_factory=dict)  # per model: record_id, prediction, reference
+    samples: List[Any] = field(default_factory=list)  # the scored records (their images, for examples)
 
 
 def _score_base(loaded: Any, score: Callable[[Any, Any], Tuple[Metrics, Rows]]) -> Tuple[Metrics, Rows]:
@@ -128,4 +130,4 @@ def score_checkpoint(checkpoint: str, loaded: Any, cfg: Any, *, sampling: Sampli
     summary = {"checkpoint": checkpoint, "dataset": cfg.dataset.name, "dataset_path": str(cfg.dataset.path),
                "split": cfg.dataset.split, "num_samples": len(samples), "metrics": results}
     _write(out, rows_by_model, summary)
-    return Evaluation(out=out, summary=summary, results=results)
+    return Evaluation(out=out, summary=summary, results=results, rows=rows_by_model, samples=list(samples))

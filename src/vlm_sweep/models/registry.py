@@ -49,6 +49,22 @@ class ModelFamily:
     # (None: no limit). Training encodes one record per call; generation encodes its batch in
     # one call, so this bounds eval.batch_size for data sets with videos.
     video_conversations_per_call: Optional[int] = None
+    # Fused mixture-of-experts weights: 3-D parameters (experts x out x in), not nn.Linear modules, named
+    # by the suffix of their parameter path. LoRA reaches them through peft's ``target_parameters``
+    # under the same component / glob rules as the linears (training/lora.py).
+    expert_parameters: Tuple[str, ...] = ()
+    # dataset.packing: the model's function (dotted from the transformers model) that computes one
+    # conversation's multi-dimensional rotary position ids, e.g. mRoPE; None: 1-D positions
+    # restarting per conversation are all the LM needs (vlm_sweep.data.packing).
+    packed_rope_index: Optional[str] = None
+    # dataset.packing: why packed rows cannot equal conversations run alone for this family (None:
+    # they can); the config check refuses packing with this reason.
+    packing_refused: Optional[str] = None
+    # dataset.packing: the batch key whose runs of 1s are media tokens attending to each other both ways
+    # (Gemma 3's token_type_ids). Packed, such a family gets an explicit per-layer-type block mask:
+    # transformers indexes that overlay by position ids once it detects packing (wrong past the first
+    # conversation of a row).
+    packed_bidirectional_media: Optional[str] = None
 
     @property
     def modalities(self) -> Tuple[str, ...]:
@@ -78,6 +94,8 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
             "audio_tower": (),
             "language_model": ("model.language_model",),
         },
+        # Image tokens attend to their whole image (bidirectional block), the rest causally.
+        packed_bidirectional_media="token_type_ids",
     ),
     "qwen2_5_vl": ModelFamily(
         auto_model_class="AutoModelForImageTextToText",
@@ -92,10 +110,13 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
             "language_model": ("model.language_model",),
         },
         supports_video=True,
+        # mRoPE (temporal, height, width) ids depend on where each image/video sits in its conversation.
+        packed_rope_index="model.get_rope_index",
     ),
     # Nemotron Nano VL in transformers' native classes (model_type nemotron_h_omni): RADIO vision
-    # model, pixel shuffle + MLP projector, hybrid Mamba2/attention Nemotron-H LM. No "model."
-    # wrapper: the parts hang off the top-level module. Omni checkpoints add an audio branch.
+    # model, pixel shuffle + MLP projector, hybrid Mamba2/attention/MoE Nemotron-H LM. No "model."
+    # wrapper: the parts hang off the top-level module. Omni checkpoints (Nemotron 3 Nano Omni) add a
+    # Parakeet audio branch (audio_tower + embed_audio projector).
     "nemotron_vl": ModelFamily(
         auto_model_class="AutoModelForImageTextToText",
         processor_class="NemotronH_Omni_Reasoning_V3Processor",
@@ -116,6 +137,13 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
         # Its processor takes videos with a single prompt only ("Videos are only supported with
         # a single prompt"): one conversation per call, so micro batches of 1 for video data.
         video_conversations_per_call=1,
+        # NemotronHExperts (transformers/models/nemotron_h): routed experts as up_proj/down_proj tensors of
+        # shape (n_routed_experts, out, in); the shared expert and Mamba/attention projections are Linears.
+        expert_parameters=("mixer.experts.up_proj", "mixer.experts.down_proj"),
+        # Its Mamba2 mixers (conv1d + selective scan) take no sequence boundaries in transformers'
+        # torch path (no seq_idx / cu_seqlens), so state would flow from one packed conversation into the next.
+        packing_refused="its hybrid Mamba2 language model carries recurrent state across packed conversations "
+                        "(transformers' Mamba2 mixer takes no sequence boundaries)",
     ),
     # nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16 through its hub remote code (trust_remote_code):
     # its auto_map offers AutoModel/AutoModelForCausalLM only. Module paths as in Megatron
@@ -137,6 +165,10 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
         # Assumed as for the native processor: the hub code cannot be checked offline, and a
         # wrong refusal costs a smaller micro batch where a wrong pass would crash mid-run.
         video_conversations_per_call=1,
+        # Its Mamba2 mixers (conv1d + selective scan) take no sequence boundaries in transformers'
+        # torch path (no seq_idx / cu_seqlens), so state would flow from one packed conversation into the next.
+        packing_refused="its hybrid Mamba2 language model carries recurrent state across packed conversations "
+                        "(transformers' Mamba2 mixer takes no sequence boundaries)",
     ),
 }
 

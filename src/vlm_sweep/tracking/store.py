@@ -175,11 +175,17 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
 # ---------------------------------------------------------------- pre-flight
 
 
-def check_tracking_store(uri: str, timeout_s: float = 5.0, label: str = "tracking.uri") -> None:
+# A server that accepts the connection but is slow (a busy 2-core node, ten jobs starting at once)
+# is alive: a timed-out call is tried this many times; a refused connection fails at once.
+HTTP_ATTEMPTS_ON_TIMEOUT = 3
+
+
+def check_tracking_store(uri: str, timeout_s: float = 10.0, label: str = "tracking.uri") -> None:
     """Raise TrackingError (one line) unless ``uri`` is a store this run can write to.
 
-    An http(s) server must answer an API call within ``timeout_s`` (no retries); an
-    SQLite file must be creatable/writable; a database server must accept a connection.
+    An http(s) server must answer an API call within ``timeout_s`` (a call that times out is
+    tried HTTP_ATTEMPTS_ON_TIMEOUT times, so a busy server is not mistaken for a dead one);
+    an SQLite file must be creatable/writable; a database server must accept a connection.
     """
     shown = f"{label}={redact_uri(uri)}"
     scheme = uri_scheme(uri)
@@ -195,7 +201,7 @@ def check_tracking_store(uri: str, timeout_s: float = 5.0, label: str = "trackin
         _check_tcp(uri, shown, label, DB_PORTS[scheme], timeout_s)
 
 
-def check_tracking(tracking_cfg: Any, output_root: str, timeout_s: float = 5.0) -> None:
+def check_tracking(tracking_cfg: Any, output_root: str, timeout_s: float = 10.0) -> None:
     """The pre-flight check for a run's config: nothing for tracking=none, else check_tracking_store."""
     if tracking_cfg.backend == "none":
         return
@@ -223,13 +229,22 @@ def _check_http(uri: str, shown: str, label: str, timeout_s: float) -> None:
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
-    try:
-        response = http_request(get_default_host_creds(uri), SEARCH_ENDPOINT, "POST", max_retries=0,
-                                backoff_factor=0, timeout=timeout_s, raise_on_status=False,
-                                json={"max_results": 1})
-    except Exception as err:
-        raise TrackingError(f"{shown} does not answer ({unreachable_reason(err, timeout_s)}); start the server, "
-                            f"fix {label}, or tracking=none") from None
+    for attempt in range(1, HTTP_ATTEMPTS_ON_TIMEOUT + 1):
+        try:
+            response = http_request(get_default_host_creds(uri), SEARCH_ENDPOINT, "POST", max_retries=0,
+                                    backoff_factor=0, timeout=timeout_s, raise_on_status=False,
+                                    json={"max_results": 1})
+            break
+        except Exception as err:
+            reason = unreachable_reason(err, timeout_s)
+            if reason.startswith("no answer within") and attempt < HTTP_ATTEMPTS_ON_TIMEOUT:
+                log.warning("%s: no answer within %g s (try %d of %d); trying again", shown, timeout_s, attempt,
+                            HTTP_ATTEMPTS_ON_TIMEOUT)
+                continue
+            if reason.startswith("no answer within"):
+                reason = f"no answer within {timeout_s:g} s, {HTTP_ATTEMPTS_ON_TIMEOUT} tries"
+            raise TrackingError(f"{shown} does not answer ({reason}); start the server, "
+                                f"fix {label}, or tracking=none") from None
     if response.status_code in (401, 403):
         raise TrackingError(f"{shown} refused the credentials (HTTP {response.status_code}); set "
                             "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")

@@ -1,10 +1,12 @@
 """LoRA through the peft library, with targets chosen by glob patterns.
 
-Candidates are the model's ``nn.Linear`` modules: all of them with
-``match_all_linear``, otherwise the language model's (from the registry).
-``target_modules`` globs narrow the candidates, ``exclude_modules`` globs remove
-some; the survivors are handed to peft by full name, so what is adapted is
-exactly what the patterns say.
+Candidates are the model's ``nn.Linear`` modules and, for mixture-of-experts
+families, the fused expert weights the registry names (``expert_parameters``:
+3-D parameters no ``nn.Linear`` wraps, adapted through peft's
+``target_parameters``). All of them with ``match_all_linear``, otherwise the
+language model's (from the registry). ``target_modules`` globs narrow the
+candidates, ``exclude_modules`` globs remove some; the survivors are handed to
+peft by full name, so what is adapted is exactly what the patterns say.
 """
 
 from __future__ import annotations
@@ -20,22 +22,35 @@ def _matches(name: str, patterns: List[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def select_lora_targets(model: Any, family: ModelFamily, peft_cfg: Any) -> List[str]:
-    """Full names of the Linear modules that get adapters."""
+def _selected(name: str, family: ModelFamily, peft_cfg: Any) -> bool:
+    """Whether a candidate (module or parameter name) passes the component and glob rules."""
+    if not peft_cfg.match_all_linear and component_of(family, name) != "language_model":
+        return False
+    if peft_cfg.target_modules and not _matches(name, list(peft_cfg.target_modules)):
+        return False
+    return not _matches(name, list(peft_cfg.exclude_modules))
+
+
+def _linear_targets(model: Any, family: ModelFamily, peft_cfg: Any) -> List[str]:
     import torch
 
-    targets = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        if not peft_cfg.match_all_linear and component_of(family, name) != "language_model":
-            continue
-        if peft_cfg.target_modules and not _matches(name, list(peft_cfg.target_modules)):
-            continue
-        if _matches(name, list(peft_cfg.exclude_modules)):
-            continue
-        targets.append(name)
-    if not targets:
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and _selected(name, family, peft_cfg)]
+
+
+def select_lora_parameters(model: Any, family: ModelFamily, peft_cfg: Any) -> List[str]:
+    """Full names of the fused expert parameters that get adapters (empty for families without any)."""
+    suffixes = tuple(f".{p}" for p in family.expert_parameters)
+    if not suffixes:
+        return []
+    return [name for name, _ in model.named_parameters()
+            if name.endswith(suffixes) and _selected(name, family, peft_cfg)]
+
+
+def select_lora_targets(model: Any, family: ModelFamily, peft_cfg: Any) -> List[str]:
+    """Full names of the Linear modules that get adapters."""
+    targets = _linear_targets(model, family, peft_cfg)
+    if not targets and not select_lora_parameters(model, family, peft_cfg):
         raise LoraTargetError(
             "config error: peft.target_modules/peft.exclude_modules leave no Linear module to adapt"
         )
@@ -62,16 +77,25 @@ def fully_trained_modules(family: ModelFamily, freeze_cfg: Any, targets: List[st
 
 
 def apply_lora(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any = None) -> Any:
-    """Wrap the model in a PeftModel with LoRA on the selected modules."""
+    """Wrap the model in a PeftModel with LoRA on the selected modules and expert parameters.
+
+    peft gives each targeted expert tensor one low-rank pair per expert (rank ``dim`` each).
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = select_lora_targets(model, family, peft_cfg)
+    parameters = select_lora_parameters(model, family, peft_cfg)
+    if parameters and peft_cfg.dropout:
+        raise LoraTargetError(
+            f"config error: peft.dropout={peft_cfg.dropout} but LoRA on fused expert weights ({parameters[0]}) "
+            f"takes no dropout in peft; set peft.dropout=0 or add '*experts*' to peft.exclude_modules")
     config = LoraConfig(
         r=peft_cfg.dim,
         lora_alpha=peft_cfg.alpha,
         lora_dropout=peft_cfg.dropout,
         target_modules=targets,
-        modules_to_save=fully_trained_modules(family, freeze_cfg, targets) or None,
+        target_parameters=parameters or None,
+        modules_to_save=fully_trained_modules(family, freeze_cfg, targets + parameters) or None,
         bias="none",
     )
     return get_peft_model(model, config)

@@ -26,11 +26,13 @@ import torch
 from tokenizers import Tokenizer, trainers
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel, ProcessorMixin
 
+from vlm_sweep.rundir import install_build
+
 MARKER = "tiny_build.json"  # written last: its presence means the directory is a complete build
 # A hub checkpoint's (tied) embeddings are trained and far from the 0.02 init; with 0.02 a tiny
 # model's logits are too flat for LoRA (embeddings frozen) to learn anything in a demo's steps.
 EMBED_STD = 0.25
-RECIPE_VERSION = 3  # bump when a recipe's output changes: older builds are then rebuilt
+RECIPE_VERSION = 4  # bump when a recipe's output changes: older builds are then rebuilt
 _NOT_RECIPES = {"common"}  # modules of this package that are not builders
 
 # ---------------------------------------------------------------------------------------------------- corpus
@@ -142,31 +144,6 @@ def _build_state(path: Path, recipe: str) -> str:
     return "current" if built.get("version") == RECIPE_VERSION else "stale"
 
 
-def _install(tmp: Path, output_dir: Path, recipe: str) -> None:
-    """Atomically move a finished build into place; lose gracefully to a concurrent builder, replace a stale build."""
-    try:
-        os.rename(tmp, output_dir)  # atomic; also replaces an *empty* directory
-        return
-    except OSError:
-        state = _build_state(output_dir, recipe)
-    if state == "current":  # another process won the race: use its (identical) build
-        return
-    if state == "absent":
-        raise FileExistsError(f"{output_dir} exists but is not a tiny {recipe!r} build; remove it or pick another path")
-    stale = tmp.with_name(tmp.name.replace(".tmp-", ".stale-"))
-    try:
-        os.rename(output_dir, stale)
-    except FileNotFoundError:
-        pass  # a concurrent builder already moved it
-    try:
-        os.rename(tmp, output_dir)
-    except OSError:
-        if _build_state(output_dir, recipe) != "current":
-            raise
-    finally:
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def build_tiny_model(recipe: str, output_dir: str | os.PathLike) -> Path:
     """Build the tiny ``recipe`` checkpoint into ``output_dir`` once, and return its path.
 
@@ -189,7 +166,8 @@ def build_tiny_model(recipe: str, output_dir: str | os.PathLike) -> Path:
         tmp.mkdir()
         build(tmp)
         (tmp / MARKER).write_text(json.dumps({"recipe": recipe, "version": RECIPE_VERSION}) + "\n")
-        _install(tmp, output_dir, recipe)
+        install_build(tmp, output_dir, lambda path: _build_state(path, recipe),
+                      f"{output_dir} exists but is not a tiny {recipe!r} build; remove it or pick another path")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir

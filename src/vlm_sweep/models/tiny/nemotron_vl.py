@@ -1,7 +1,10 @@
-"""Tiny Nemotron Nano VL: transformers' native ``nemotron_h_omni`` classes with Nemotron Nano V2's text side.
+"""Tiny Nemotron Nano VL / Nemotron 3 Nano Omni: transformers' native ``nemotron_h_omni`` classes, Nano V2's text side.
 
 The model is ``NemotronH_Omni_Reasoning_V3`` (RADIO vision model -> pixel shuffle -> MLP projector -> hybrid
-Mamba2/attention Nemotron-H LM), the architecture of NVIDIA-Nemotron-Nano-12B-v2-VL. Its tokenizer and chat template
+Mamba2/attention/mixture-of-experts Nemotron-H LM, plus a Parakeet audio encoder), the architecture of
+Nemotron-3-Nano-Omni-30B-A3B; its dense MLP layer keeps NVIDIA-Nemotron-Nano-12B-v2-VL's block in the mix too. The
+MoE layer stores its routed experts as fused 3-D parameters (``mixer.experts.up_proj`` / ``down_proj``), as the
+real checkpoint does, so LoRA has to reach them by parameter, not by ``nn.Linear``. Its tokenizer and chat template
 follow the hub model's, since they decide label masking and stopping: ``<SPECIAL_10>System`` / ``<SPECIAL_11>User`` /
 ``<SPECIAL_11>Assistant`` turns closed by ``\\n<SPECIAL_12>\\n``, ``<think>`` tags opening the final answer, ``<s>``
 added in front, no pad token, and ``<image>`` / ``<video>`` placeholders that the processor expands into
@@ -23,6 +26,7 @@ from transformers import (
     NemotronH_Omni_Reasoning_V3Processor,
     NemotronH_Omni_Reasoning_V3VideoProcessor,
     NemotronHConfig,
+    ParakeetEncoderConfig,
     ParakeetFeatureExtractor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -40,7 +44,7 @@ from vlm_sweep.models.tiny.common import (
 )
 
 # Nemotron Nano V2's chat template, reduced to what a VLM conversation uses (no tools). Multimodal content lists render
-# as <image>/<video> placeholders, one per line, before the text.
+# as <image>/<video>/<so_embedding> (audio) placeholders, one per line, before the text.
 NEMOTRON_VL_CHAT_TEMPLATE = """
 {%- macro render(content) -%}
     {%- if content is string -%}{{ content }}
@@ -48,6 +52,7 @@ NEMOTRON_VL_CHAT_TEMPLATE = """
         {%- for item in content -%}
             {%- if item['type'] == 'image' -%}{{ '<image>\n' }}
             {%- elif item['type'] == 'video' -%}{{ '<video>\n' }}
+            {%- elif item['type'] == 'audio' -%}{{ '<so_embedding>\n' }}
             {%- elif item['type'] == 'text' -%}{{ item['text'] }}
             {%- endif -%}
         {%- endfor -%}
@@ -96,8 +101,20 @@ NEMOTRON_VL_CHAT_TEMPLATE = """
 NEMOTRON_SPECIALS = ["<unk>", "<s>", "</s>"] + [f"<SPECIAL_{i}>" for i in range(3, 20)]
 NEMOTRON_THINK = ["<think>", "</think>"]
 NEMOTRON_MEDIA = ["<image>", "<img>", "</img>", "<video>"]
-# Hybrid pattern "M-*-" (the 12B repeats Mamba2/MLP pairs with an attention layer every few blocks).
-NEMOTRON_LAYERS = ["linear_attention", "mlp", "full_attention", "mlp"]
+# The audio placeholders the omni processor expands a clip into (<so_start> <so_embedding>... <so_end>).
+NEMOTRON_AUDIO = ["<so_start>", "<so_end>", "<so_embedding>"]
+# Hybrid pattern "M-*E": Mamba2, dense MLP (the 12B V2 VL's block), attention, mixture of experts (the Omni's block:
+# its LM repeats Mamba2/MoE pairs with an attention layer every few blocks and has no dense MLP).
+NEMOTRON_LAYERS = ["linear_attention", "mlp", "full_attention", "moe"]
+# A few tiny experts: 4 routed (2 per token) plus the always-on shared expert, as in Nemotron 3 Nano (128 routed, 6
+# per token, 1 shared).
+NEMOTRON_MOE = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    moe_shared_expert_intermediate_size=64, n_group=1, topk_group=1)
+# A one-layer Parakeet (FastConformer) encoder with the omni checkpoint's projector fields; 80 mel bins as
+# ParakeetFeatureExtractor computes by default, 8x subsampling as the processor assumes.
+NEMOTRON_AUDIO_ENCODER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                              conv_kernel_size=3, subsampling_conv_channels=8, num_mel_bins=80, subsampling_factor=8,
+                              projection_hidden_size=64, projection_bias=False)
 # Mistral-NeMo ("tekken") style split (transformers flags the hub tokenizer as using Mistral's regex): letter runs,
 # single digits, punctuation runs, newline runs.
 NEMOTRON_PRETOKENIZE_REGEX = (
@@ -126,13 +143,13 @@ def tokenizer() -> PreTrainedTokenizerFast:
     learned, merges = train_bpe(trainer_tok, vocab_size=2000, corpus=_nemotron_corpus(),
                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokens = NEMOTRON_SPECIALS + [t for t, _ in sorted(learned.items(), key=lambda kv: kv[1])]
-    tokens += NEMOTRON_THINK + NEMOTRON_MEDIA
+    tokens += NEMOTRON_THINK + NEMOTRON_MEDIA + NEMOTRON_AUDIO
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in NEMOTRON_SPECIALS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NEMOTRON_THINK])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in NEMOTRON_MEDIA])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in NEMOTRON_MEDIA + NEMOTRON_AUDIO])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
@@ -158,18 +175,18 @@ def _pretrained_like(model: PreTrainedModel) -> None:
 
 
 def build(output_dir: Path) -> None:
-    """Nemotron Nano VL: RADIO (2 layers) + projector + Nemotron-H "M-*-" (Mamba2, MLP, attention, MLP).
+    """Nemotron Omni: RADIO (2 layers) + projector + Nemotron-H "M-*E" (Mamba2, MLP, attention, MoE) + Parakeet.
 
     A 64x64 image is 4x4 RADIO patches of 16 px -> 2x2 after pixel shuffle = 4 image tokens; images are capped at
     64 patches (16 tokens), video frames target 16 patches and pack 2 frames per tubelet.
     """
     tok = tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in NEMOTRON_SPECIALS + NEMOTRON_MEDIA}
+    ids = {t: tok.convert_tokens_to_ids(t) for t in NEMOTRON_SPECIALS + NEMOTRON_MEDIA + NEMOTRON_AUDIO}
     text_config = NemotronHConfig(
         vocab_size=len(tok), hidden_size=64, layers_block_type=NEMOTRON_LAYERS,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
         mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=64,
-        max_position_embeddings=4096, tie_word_embeddings=False,
+        max_position_embeddings=4096, tie_word_embeddings=False, **NEMOTRON_MOE,
         pad_token_id=ids["<unk>"], bos_token_id=ids["<s>"], eos_token_id=ids["<SPECIAL_12>"],
     )
     vision_config = RadioConfig(
@@ -178,8 +195,9 @@ def build(output_dir: Path) -> None:
     )
     config = NemotronH_Omni_Reasoning_V3_Config(
         vision_config=vision_config, text_config=text_config, vision_hidden_size=32, projector_hidden_size=64,
+        audio_config=ParakeetEncoderConfig(**NEMOTRON_AUDIO_ENCODER, attention_bias=False, scale_input=False),
         downsample_ratio=0.5, video_temporal_patch_size=2,
-        image_token_id=ids["<image>"], video_token_id=ids["<video>"],
+        image_token_id=ids["<image>"], video_token_id=ids["<video>"], audio_token_id=ids["<so_embedding>"],
     )
     model = init_model(NemotronH_Omni_Reasoning_V3, config, _pretrained_like)
     processor = NemotronH_Omni_Reasoning_V3Processor(
@@ -187,7 +205,7 @@ def build(output_dir: Path) -> None:
         video_processor=NemotronH_Omni_Reasoning_V3VideoProcessor(
             norm_mean=list(OPENAI_CLIP_MEAN), norm_std=list(OPENAI_CLIP_STD), video_target_num_patches=16),
         tokenizer=tok,
-        feature_extractor=ParakeetFeatureExtractor(),  # the class requires its audio part; no audio tower here
+        feature_extractor=ParakeetFeatureExtractor(),  # mel features for the audio tower
         chat_template=NEMOTRON_VL_CHAT_TEMPLATE,
     )
     generation = GenerationConfig(bos_token_id=ids["<s>"], pad_token_id=ids["<unk>"],
