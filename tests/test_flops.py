@@ -165,6 +165,30 @@ def test_activation_checkpoint_recompute_is_not_counted(setups, name):
     assert checkpointed.flops == pytest.approx(plain.flops, rel=1e-9)
 
 
+def test_fused_mixture_of_experts_weights_are_counted_per_routed_token(setups):
+    """Nemotron 3's routed experts are 3-D parameters, not Linears: counted by the pairs the router picked."""
+    model, _, family = setups("tiny_nemotron_vl", FULL)
+    name, experts = next((n, m) for n, m in model.named_modules() if n.endswith("mixer.experts"))
+    up, down = experts.up_proj, experts.down_proj
+    assert up.dim() == 3 and up.shape[0] >= 2
+    hidden = torch.randn(5, up.shape[-1], requires_grad=True)
+    index = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, up.shape[0] - 1]])  # 10 (token, expert) pairs
+    weights = torch.full(index.shape, 0.5)
+    counter = FlopCounter(experts, family)
+    # The per-expert loop (eager) shows its matmuls to FlopCounterMode; grouped/batched mm kernels do not.
+    implementation, experts.config._experts_implementation = experts.config._experts_implementation, "eager"
+    try:
+        with _measure() as measured:
+            experts(hidden, index, weights)
+        counted = counter.tally()
+    finally:
+        counter.close()
+        experts.config._experts_implementation = implementation
+    assert sum(counted.forward_flops.values()) == pytest.approx(measured.get_total_flops(), rel=0.01)
+    assert sum(counted.forward_flops.values()) == 2 * 10 * (up[0].numel() + down[0].numel())
+    assert sum(counted.backward_flops.values()) == 2 * sum(counted.forward_flops.values())  # input + weight grads
+
+
 def test_an_output_projection_applied_by_a_fused_kernel_is_counted():
     """Mamba's training kernel takes ``out_proj.weight`` without calling ``out_proj``."""
     class Fused(nn.Module):

@@ -34,6 +34,8 @@ LOOP_OVERRIDES = [
     "dataset.preflight_samples=0",
     "step_scheduler.val_every_steps=1000000",
     "step_scheduler.ckpt_every_steps=1000000",
+    # fp32 like the bare loop and transformers.Trainer: `auto` would pick bf16 on a CPU with AVX512-BF16.
+    "parallel.mixed_precision=no",
 ]
 
 # ~30M-parameter Gemma 3 language model (the tiny one's vision tower, tokenizer and processor).

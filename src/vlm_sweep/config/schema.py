@@ -96,6 +96,12 @@ class DatasetConfig:
     min_pixels: Optional[int] = None
     max_pixels: Optional[int] = None
     max_image_side: Optional[int] = None
+    # Pack each micro-batch's conversations into rows (no padding between them; each attends only
+    # to itself, position ids restart per conversation): same conversations per step, same loss.
+    packing: bool = False
+    # Tokens per packed row (image/video tokens included), at least max_length; null: the whole
+    # micro-batch in one row.
+    pack_length: Optional[int] = None
 
 
 @dataclass

@@ -103,6 +103,20 @@ def _check_model_and_data(cfg: DictConfig) -> None:
             _where(cfg, key, *positive)
     if cfg.dataset.min_pixels is not None and cfg.dataset.max_pixels is not None:
         _where(cfg, "dataset.max_pixels", lambda v: v >= cfg.dataset.min_pixels, "must be >= dataset.min_pixels")
+    _check_packing(cfg)
+
+
+def _check_packing(cfg: DictConfig) -> None:
+    """dataset.packing / dataset.pack_length, and whether the model family can pack exactly."""
+    from vlm_sweep.models.registry import MODEL_FAMILIES
+
+    _choice(cfg, "dataset.packing", [False, True])
+    if cfg.dataset.pack_length is not None:
+        _where(cfg, "dataset.pack_length", lambda v: v >= cfg.dataset.max_length,
+               f"must be >= dataset.max_length={cfg.dataset.max_length} (a record up to max_length must fit a row)")
+    refused = MODEL_FAMILIES[cfg.model.family].packing_refused if cfg.dataset.packing else None
+    _check(refused is None, "dataset.packing", f"cannot be true for model family {cfg.model.family}: {refused}",
+           cfg.dataset.packing)
 
 
 def _check_training(cfg: DictConfig) -> None:

@@ -14,6 +14,10 @@ pixel budgets and video timing reach the processor through ``MediaKwargs``. Reco
 encoded one by one (and cached, see ``data/features.py``), so a record the processor cannot
 encode, or one longer than ``max_length``, is a ``BadRecordError`` naming it (or skipped and
 counted under ``skip``), and one bad record never costs its batch-mates.
+
+With ``packing`` the micro-batch's records are packed into rows instead of padded side by side
+(``data/packing.py`` says how, and how the model keeps them apart); a record longer than
+``pack_length`` is a bad record like one longer than ``max_length``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 
 from vlm_sweep.data.datasets import BadRecordError, Sample
 from vlm_sweep.data.features import DEFAULT_FEATURE_CACHE_MB, FeatureCache, Features, merge_features, record_length
+from vlm_sweep.data.packing import pack_records
 from vlm_sweep.data.processor_kwargs import MediaKwargs
 
 log = logging.getLogger(__name__)
@@ -181,11 +186,14 @@ class VLMCollator:
 
     def __init__(self, processor: Any, max_length: int, on_bad_record: str = "error", *,
                  min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
-                 feature_cache_mb: float = DEFAULT_FEATURE_CACHE_MB) -> None:
-        """``min_pixels``/``max_pixels``/``feature_cache_mb``: ``dataset.*``; a ValueError here if the
-        processor cannot take the pixel bounds."""
+                 feature_cache_mb: float = DEFAULT_FEATURE_CACHE_MB, packing: bool = False,
+                 pack_length: Optional[int] = None) -> None:
+        """``min_pixels``/``max_pixels``/``feature_cache_mb``/``packing``/``pack_length``: ``dataset.*``;
+        a ValueError here if the processor cannot take the pixel bounds."""
         self.processor = processor
         self.max_length = max_length
+        self.packing = packing
+        self.pack_length = pack_length if packing else None
         self.skip_bad = on_bad_record == "skip"
         self.markers = AssistantMarkers.for_processor(processor)
         self.media_kwargs = MediaKwargs(processor, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -225,6 +233,9 @@ class VLMCollator:
         if length > self.max_length:
             return self._bad(f"{sample.record_id}: {length} tokens exceed dataset.max_length="
                              f"{self.max_length} (raise it, or dataset.on_bad_record=skip)")
+        if self.pack_length is not None and length > self.pack_length:
+            return self._bad(f"{sample.record_id}: {length} tokens exceed dataset.pack_length="
+                             f"{self.pack_length} (raise it, or dataset.on_bad_record=skip)")
         self.cache.put(sample.record_id, features)
         return features
 
@@ -237,9 +248,24 @@ class VLMCollator:
     def __call__(self, samples: List[Optional[Sample]]) -> Dict[str, Any]:
         encoded = [(s, self._features(s)) for s in samples if s is not None]
         kept = [(s, f) for s, f in encoded if f is not None]
+        if self.packing and kept:
+            return self._packed(kept, len(samples) - len(kept))
         batch: Dict[str, Any] = merge_features([f for _, f in kept], self.pad_token_id)
         if batch:
             batch["labels"] = self.labels_for(batch["input_ids"], batch["attention_mask"])
         batch["num_skipped"] = len(samples) - len(kept)
         batch["record_ids"] = [s.record_id for s, _ in kept]
+        return batch
+
+    def _packed(self, kept: List[Tuple[Sample, Features]], skipped: int) -> Dict[str, Any]:
+        """Rows of whole conversations; each record labelled on its own, as unpacked."""
+        features = [f for _, f in kept]
+        labels = []
+        for f in features:
+            row = self.labels_for(f["input_ids"], torch.ones_like(f["input_ids"]))[0]
+            row[0] = IGNORE_INDEX  # the previous conversation's last token never predicts this one's first
+            labels.append(row)
+        batch = pack_records(features, labels, self.pack_length, self.pad_token_id)
+        batch["num_skipped"] = skipped
+        batch["record_ids"] = [kept[i][0].record_id for i in batch["pack_order"]]
         return batch

@@ -9,7 +9,8 @@ is counted, by measuring with forward hooks (installed once) what ran in each mi
   projector), adds ``F = 2 x weight_params x rows``, rows = the positions it produced. Per-module
   rows get the parts that run at their own token counts right: the projector at image tokens, a
   merger at patches/4, the LM head at the labelled rows only (``logits_to_keep``); weights that
-  never run (a video patch projection on images) count nothing. An ``out_proj`` a fused kernel
+  never run (a video patch projection on images) count nothing. Fused mixture-of-experts weights
+  (3-D: experts x out x in) add ``2 x per-expert params x routed (token, expert) pairs``. An ``out_proj`` a fused kernel
   applies by weight (Mamba's training kernel) is counted when its parent ran. Embedding lookups,
   norms and activations are not counted.
 * Attention scores: each module holding attention (a direct ``q_proj``-like Linear; Mamba mixers
@@ -192,6 +193,9 @@ class FlopCounter:
                 raw = [p for p in module.parameters(recurse=False) if p.dim() == 2]
                 if raw:
                     hook(module, self._raw_weight_hook(comp, raw))
+                stacked = [p for p in module.parameters(recurse=False) if p.dim() == 3]
+                if stacked:
+                    hook(module, self._expert_hook(comp, stacked))
             width = _attention_width(module)
             if width:
                 hook(module, self._attention_hook(comp, width))
@@ -258,6 +262,19 @@ class FlopCounter:
                 if tuple(w.shape) in dims:  # a weight mapping input features to output features
                     upstream = x.requires_grad or any(p.requires_grad for p in module.parameters() if p is not w)
                     self._matmul(comp, 2.0 * w.numel() * rows, rows, upstream, w.requires_grad)
+        return hook
+
+    def _expert_hook(self, comp: str, weights: List[nn.Parameter]) -> Callable:
+        """Fused mixture-of-experts weights (experts x out x in), called with the routing's top-k index:
+        each (token, expert) pair the router picked runs every expert matrix once."""
+        def hook(module: nn.Module, args: tuple, kwargs: Dict[str, Any], output: Any) -> None:
+            x = _first_tensor(args, kwargs, "hidden_states")
+            index = next((a for a in (*args[1:], *kwargs.values()) if torch.is_tensor(a) and a.dim() == 2
+                          and not a.is_floating_point()), None)
+            if _ignored() or x is None or index is None:
+                return
+            per_pair = sum(w[0].numel() for w in weights)
+            self._add(comp, 2.0 * per_pair * index.numel(), x.requires_grad, any(w.requires_grad for w in weights))
         return hook
 
     def _attention_hook(self, comp: str, width: int) -> Callable:

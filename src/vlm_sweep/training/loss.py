@@ -26,8 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlm_sweep.data.packing import NON_MODEL_KEYS as PACKING_KEYS
+from vlm_sweep.data.packing import model_inputs
+
 IGNORE_INDEX = -100
-NON_MODEL_KEYS = ("labels", "num_skipped", "record_ids")
+NON_MODEL_KEYS = ("labels", "num_skipped", "record_ids", *PACKING_KEYS)
 # fp32 logits of one chunk (its backward holds about three such buffers): 128 rows of Gemma 3's
 # 262k vocabulary. The rows per chunk follow from the vocabulary unless given.
 CHUNK_BYTES = 128 * 2**20
@@ -127,7 +130,7 @@ def summed_token_loss(model: Any, batch: Dict[str, Any], chunk_rows: Optional[in
     ``chunk_rows``: rows per checkpointed chunk (None: ``CHUNK_BYTES`` of fp32 logits);
     ``small_logits_bytes``: up to this size the labelled logits are built at once (0: always chunk).
     """
-    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    inputs = model_inputs(batch, NON_MODEL_KEYS)
     mask, targets = labelled_positions(batch["labels"])
     if targets.numel() == 0:  # nothing to learn here; still run the graph so every rank's backward matches
         logits = model(**inputs, use_cache=False, logits_to_keep=1).logits

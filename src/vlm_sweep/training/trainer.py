@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from vlm_sweep.data.packing import PackedInputs, processed_tokens
+from vlm_sweep.models.registry import get_family
 from vlm_sweep.rundir import RunDir
 from vlm_sweep.training.guards import DataHealth, StopSignal, StoppedWhileReading
 from vlm_sweep.training.mfu import step_report
@@ -43,6 +45,7 @@ class StepStats:
     label_tokens: int  # global label tokens (the step's normaliser)
     tokens: int  # this rank's real (non-padding) tokens
     skipped: int
+    processed: int = 0  # this rank's positions run through the model (padding included)
 
 
 @dataclass
@@ -52,12 +55,14 @@ class LogWindow:
     tokens: int = 0
     label_tokens: int = 0
     skipped: int = 0
+    processed: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, stats: StepStats) -> None:
         self.tokens += stats.tokens
         self.label_tokens += stats.label_tokens
         self.skipped += stats.skipped
+        self.processed += stats.processed
 
 
 def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -104,6 +109,8 @@ class Trainer:
 
         self.flops = FlopCounter(model, settings.family)
         self.peak_tflops = peak_tflops(accelerator.device, override=settings.peak_tflops)
+        # Packed batches get what their family needs per conversation (rope ids, block masks).
+        self.packed_inputs = PackedInputs(model, get_family(settings.family))
         self.data_health = DataHealth(len(train_loader.dataset), settings.min_usable_fraction,
                                       settings.dataset_name)
 
@@ -146,7 +153,7 @@ class Trainer:
         scale = self.acc.num_processes / max(global_tokens, 1)
         loss_sum = torch.zeros((), device=self.acc.device)
         for i, batch in enumerate(micro):
-            batch = to_device(batch, self.acc.device)
+            batch = self.packed_inputs(to_device(batch, self.acc.device))
             sync = i == len(micro) - 1
             no_sync = contextlib.nullcontext() if sync else no_gradient_sync(self.model, self.acc)
             with no_sync, self.acc.autocast():
@@ -160,7 +167,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(loss_sum=loss_sum, grad_norm=grad_norm, label_tokens=global_tokens,
                          tokens=sum(int(b["attention_mask"].sum()) for b in micro),
-                         skipped=sum(b["num_skipped"] for b in micro))
+                         skipped=sum(b["num_skipped"] for b in micro),
+                         processed=sum(processed_tokens(b) for b in micro))
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip to optimizer.max_grad_norm (inf: measure only); returns the pre-clip norm, on the device."""
@@ -186,6 +194,8 @@ class Trainer:
         }
         if window.skipped:
             metrics["skipped_records"] = window.skipped
+        if window.processed:  # this rank's share: real tokens / positions run (padding costs the rest)
+            metrics["packing_efficiency"] = window.tokens / window.processed
         # FLOPs of the window's training forwards/backwards on every rank, vision tower included.
         tally = self.flops.tally().summed(lambda t: self.acc.reduce(t.to(self.acc.device), "sum").cpu())
         metrics.update(step_report(tally.flops, now - window.started, self.acc.num_processes, self.peak_tflops))
@@ -208,7 +218,7 @@ class Trainer:
                 break
             if "input_ids" not in batch:
                 continue
-            batch = to_device(batch, self.acc.device)
+            batch = self.packed_inputs(to_device(batch, self.acc.device))
             with self.acc.autocast():
                 loss_sum += summed_token_loss(self.model, batch)
             tokens += count_label_tokens(batch)

@@ -1,0 +1,243 @@
+"""Padding-free packing (dataset.packing): a packed batch is the same computation as its conversations alone.
+
+The contract, per family in FAMILIES: each conversation's summed token loss and its gradient, taken from
+a packed batch, equal those of the conversation run on its own (fp32). Families that cannot be exact
+(a recurrent LM state crossing conversations) are refused by the config check, with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import CACHE, FAMILIES, compose, tiny_processor
+from vlm_sweep.data.collate import IGNORE_INDEX, VLMCollator
+from vlm_sweep.data.datasets import Sample
+from vlm_sweep.data.packing import PackedInputs, model_inputs, plan_efficiency, plan_rows
+from vlm_sweep.errors import ConfigError
+from vlm_sweep.models.registry import get_family
+from vlm_sweep.training.loss import NON_MODEL_KEYS, summed_token_loss
+
+
+def _image(seed: int, size=(64, 64)) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _turn(role: str, *parts) -> dict:
+    return {"role": role, "content": [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]}
+
+
+def _conversations(video=None) -> list:
+    """Different layouts, so each conversation's image sits at another offset (and another row position)."""
+    image = lambda s, size=(64, 64): {"type": "image", "image": _image(s, size)}  # noqa: E731
+    convs = [
+        [_turn("user", image(1), "Describe."), _turn("assistant", "one two three")],
+        [_turn("user", "Read the receipt below, carefully and completely please.", image(2, (96, 64))),
+         _turn("assistant", "<s_total>12</s_total>")],
+        [_turn("user", "No picture here."), _turn("assistant", "fine"),
+         _turn("user", image(3), image(4), "And these?"), _turn("assistant", "two pictures")],
+        [_turn("user", "Just text."), _turn("assistant", "just an answer")],
+    ]
+    if video is not None:
+        convs.insert(1, [_turn("user", "Watch.", {"type": "video", "video": video}), _turn("assistant", "a square")])
+        convs.append([_turn("user", image(5), {"type": "video", "video": video}, "Both?"),
+                      _turn("assistant", "yes both")])
+    return [Sample(f"r{i}", c) for i, c in enumerate(convs)]
+
+
+def _loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of one conversation's positions."""
+    return F.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _grads(model, loss, retain=False):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+
+
+def _model(recipe: str, attn: str = "sdpa"):
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_sweep.models.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(recipe, CACHE / "models" / f"tiny_{recipe}")
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32,
+                                                       attn_implementation=attn).eval()
+
+
+@pytest.fixture(scope="module")
+def clip_frames(tmp_path_factory):
+    from vlm_sweep.data import fixture_parts
+    from vlm_sweep.data.media import load_video_frames
+
+    path = fixture_parts.write_video(tmp_path_factory.mktemp("video") / "clip.mp4", num_frames=8, fps=8)
+    return load_video_frames(path, num_frames=4)
+
+
+CASES = [(f, False, "sdpa") for f in FAMILIES] + [(f, False, "eager") for f in FAMILIES] + [
+    (f, True, "sdpa") for f in FAMILIES if get_family(compose([f"model={f}"]).model.family).supports_video]
+
+
+@pytest.mark.parametrize("config,video,attn", CASES,
+                         ids=[f"{f}-{'video' if v else 'images'}-{a}" for f, v, a in CASES])
+def test_packed_conversations_equal_each_alone(config, video, attn, clip_frames):
+    cfg = compose([f"model={config}"])
+    family = get_family(cfg.model.family)
+    if family.packing_refused:
+        with pytest.raises(ConfigError, match=r"^config error: dataset\.packing cannot be true for model family"):
+            from vlm_sweep.config.validate import validate_config
+
+            validate_config(compose([f"model={config}", "dataset.packing=true"]))
+        return  # refused, with its reason: no packed run can silently differ
+    torch.manual_seed(0)
+    model, processor = _model(cfg.model.tiny_recipe, attn), tiny_processor(cfg.model.tiny_recipe)
+    samples = _conversations(clip_frames if video else None)
+    alone = VLMCollator(processor, 4096)
+    singles = [alone([s]) for s in samples]
+    lengths = [int(b["input_ids"].shape[1]) for b in singles]
+    # Two+ rows with padding at the end of the shorter one: every boundary kind occurs.
+    packed = VLMCollator(processor, 4096, packing=True, pack_length=sum(sorted(lengths)[-2:]) - 1)(samples)
+    assert packed["input_ids"].shape[0] >= 2 and packed["input_ids"].shape[1] < sum(lengths)
+    assert sorted(packed["record_ids"]) == sorted(s.record_id for s in samples)
+    batch = PackedInputs(model, family)(packed)
+    inputs = model_inputs(batch, NON_MODEL_KEYS)
+    logits = model(**inputs, use_cache=False).logits
+    by_id = {s.record_id: i for i, s in enumerate(samples)}
+    row_of = [(r, at, n) for r, layout in enumerate(packed["pack_layout"])
+              for at, n in zip(np.cumsum([0] + [n for n, _ in layout])[:-1], [n for n, _ in layout])]
+    packed_losses = {rid: _loss_sums(logits[r, at:at + n], packed["labels"][r, at:at + n])
+                     for rid, (r, at, n) in zip(packed["record_ids"], row_of)}
+    assert summed_token_loss(model, batch).item() == pytest.approx(
+        sum(v.item() for v in packed_losses.values()), rel=1e-5)
+    for n, rid in enumerate(packed["record_ids"]):
+        single = singles[by_id[rid]]
+        alone_logits = model(**{k: v for k, v in single.items() if k not in NON_MODEL_KEYS}, use_cache=False).logits
+        alone_loss = _loss_sums(alone_logits[0], single["labels"][0])
+        assert packed_losses[rid].item() == pytest.approx(alone_loss.item(), rel=1e-4, abs=1e-4), rid
+        last = n == len(packed["record_ids"]) - 1
+        for g_packed, g_alone in zip(_grads(model, packed_losses[rid], retain=not last), _grads(model, alone_loss)):
+            if g_alone is None or g_packed is None:
+                assert g_alone is None and g_packed is None or (g_packed if g_alone is None else g_alone).abs().max() == 0
+                continue
+            torch.testing.assert_close(g_packed, g_alone, rtol=1e-3, atol=1e-5, msg=rid)
+
+
+def test_plan_is_deterministic_and_never_splits_a_conversation():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 500, size=64).tolist()
+    rows = plan_rows(lengths, 1024)
+    assert rows == plan_rows(list(lengths), 1024)
+    assert sorted(i for row in rows for i in row) == list(range(64))  # each record exactly once, whole
+    assert all(sum(lengths[i] for i in row) <= 1024 for row in rows)
+    assert plan_rows(lengths, None) == [list(range(64))]
+    with pytest.raises(ValueError, match="record 3: 600 tokens exceed pack_length=512"):
+        plan_rows([10, 20, 30, 600], 512)
+
+
+def test_a_record_longer_than_pack_length_is_a_bad_record_naming_it():
+    from vlm_sweep.data.datasets import BadRecordError
+
+    processor = tiny_processor("gemma3")
+    samples = [Sample("short", [_turn("user", "hi"), _turn("assistant", "yo")]),
+               Sample("long", [_turn("user", "word " * 200), _turn("assistant", "yes")])]
+    with pytest.raises(BadRecordError, match=r"^long: \d+ tokens exceed dataset\.pack_length=64"):
+        VLMCollator(processor, 4096, packing=True, pack_length=64)(samples)
+    batch = VLMCollator(processor, 4096, "skip", packing=True, pack_length=64)(samples)
+    assert batch["record_ids"] == ["short"] and batch["num_skipped"] == 1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["dataset.pack_length=100"], r"dataset\.pack_length must be >= dataset\.max_length"),
+    (["dataset.packing=maybe"], r"dataset\.packing"),
+])
+def test_bad_packing_values_are_one_line_errors_naming_the_key(overrides, message):
+    from vlm_sweep.config.validate import validate_config
+
+    with pytest.raises(Exception, match=message) as info:
+        validate_config(compose(overrides))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("micro_batch", [None, 8])
+def test_packing_efficiency_on_synthetic_receipts(receipts_dir, micro_batch):
+    """Through the real collator, over the sampler's length-grouped micro-batches of one epoch."""
+    from vlm_sweep.data.datasets import build_datasets
+    from vlm_sweep.data.packing import processed_tokens, real_tokens
+    from vlm_sweep.data.sampler import ShardedIndexSampler
+
+    cfg = compose([] if micro_batch is None else [f"step_scheduler.micro_batch_size={micro_batch}"])
+    train = build_datasets(cfg.dataset)["train"]
+    mb = cfg.step_scheduler.micro_batch_size
+    order = ShardedIndexSampler(len(train), seed=cfg.seed, lengths=train.length_hints(), batch_size=mb).epoch_order(0)
+    processor = tiny_processor(cfg.model.tiny_recipe)
+    plain = VLMCollator(processor, cfg.dataset.max_length)
+    packed = VLMCollator(processor, cfg.dataset.max_length, packing=True, pack_length=cfg.dataset.pack_length)
+    plain.cache = packed.cache  # encode each record once
+    totals = {"plain": [0, 0], "packed": [0, 0]}
+    for start in range(0, len(order) - mb + 1, mb):
+        samples = [train[i] for i in order[start:start + mb]]
+        for name, collator in (("packed", packed), ("plain", plain)):
+            batch = collator(samples)
+            totals[name][0] += real_tokens(batch)
+            totals[name][1] += processed_tokens(batch)
+    assert totals["packed"][0] == totals["plain"][0]  # the same conversations, whole
+    packed_eff, plain_eff = (real / processed for real, processed in (totals["packed"], totals["plain"]))
+    assert packed_eff >= 0.95 and packed_eff >= plain_eff, (packed_eff, plain_eff)
+
+
+def test_an_explicit_pack_length_keeps_rows_even_on_receipt_sized_records():
+    """Micro-batch 8 of receipt-sized records (81..226 tokens) under a 512-token row budget."""
+    rng = np.random.default_rng(1)
+    effs = []
+    for _ in range(50):
+        lengths = sorted(rng.integers(81, 227, size=8).tolist())  # length-grouped: similar sizes
+        rows = plan_rows(lengths, 512)
+        assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+        effs.append(plan_efficiency(lengths, rows))
+    assert sum(effs) / len(effs) >= 0.9
+
+
+FAST = ["step_scheduler.max_steps=4", "step_scheduler.ckpt_every_steps=2", "step_scheduler.val_every_steps=2",
+        "step_scheduler.global_batch_size=8", "step_scheduler.micro_batch_size=4", "dataset.max_val_samples=4",
+        "eval=none", "tracking=none", "peft.dropout=0.1"]
+
+
+def _rows(run_dir: Path) -> list:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+PACKABLE = [f for f in FAMILIES if not get_family(compose([f"model={f}"]).model.family).packing_refused]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", PACKABLE)
+def test_packed_training_trains_like_unpacked_and_resumes_bitwise(config, tmp_path):
+    from vlm_sweep.training.checkpoint import trained_weights
+    from vlm_sweep.train import run
+
+    packed_dir, plain_dir, resumed_dir = tmp_path / "packed", tmp_path / "plain", tmp_path / "resumed"
+    fast = FAST + [f"model={config}"]
+    result = run(compose(fast + ["dataset.packing=true"]), packed_dir)
+    assert result.status == "FINISHED" and result.step == 4
+    run(compose(fast), plain_dir)
+    packed_rows, plain_rows = _rows(packed_dir), _rows(plain_dir)
+    assert [r["packing_efficiency"] for r in packed_rows] == [1.0] * 4  # one row per micro-batch, no padding
+    assert all(r["packing_efficiency"] < 1.0 for r in plain_rows)
+    # The same conversations per step and the same objective: the same first loss (float noise apart).
+    assert packed_rows[0]["loss"] == pytest.approx(plain_rows[0]["loss"], rel=1e-4)
+    assert packed_rows[1]["val_loss"] == pytest.approx(plain_rows[1]["val_loss"], rel=1e-3)  # validation packs too
+
+    # Killed after step 2 and rerun: the same weights and losses, bit for bit.
+    resumed = run(compose(fast + ["dataset.packing=true", f"checkpoint.resume={packed_dir / 'checkpoints' / 'step_2'}"]),
+                  resumed_dir)
+    assert resumed.status == "FINISHED" and resumed.step == 4
+    a, b = trained_weights(packed_dir / "checkpoints" / "step_4"), trained_weights(resumed_dir / "checkpoints" / "step_4")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ bitwise"
+    assert [r["loss"] for r in _rows(resumed_dir)] == [r["loss"] for r in packed_rows[2:]]
