@@ -3,6 +3,7 @@
     make bench                              # or: .venv/bin/python scripts/benchmark.py
     .venv/bin/python scripts/benchmark.py --quick            # 2 rounds of 2 steps, small memory sizes
     .venv/bin/python scripts/benchmark.py --profile          # + cProfile of the real loop's timed steps
+    .venv/bin/python scripts/benchmark.py --skip-packing     # without the packed-vs-padded comparison
 
 Throughput, in interleaved rounds (A B C D, A B C D, ...; medians and per-round ratios, never
 absolute times, since a 2-core machine shared with other work is noisy), for the tiny default
@@ -11,7 +12,8 @@ Gemma 3 and a ~30M one built locally the same way:
       no checkpoint/validation due, no eval);
   (b) a bare PyTorch loop over the same batches, collated up front: the floor;
   (c) transformers.Trainer and (d) trl.SFTTrainer with the same model, LoRA, optimizer, schedule
-      and batches.
+      and batches;
+then loop (a) on the tiny model at micro batch 8, padded (length-grouped) vs packed (dataset.packing).
 Memory, one fresh process per variant: one training step at Gemma 3 4B widths (seq 2048, 256
 labelled positions) with the old full-logits loss vs summed_token_loss; the ~30M model at seq 1024
 with and without activation checkpointing (same losses).
@@ -43,6 +45,11 @@ LOOPS = [("(a) vlm_sweep Trainer (launch.py loop)", "real"), ("(b) bare PyTorch 
          ("(c) transformers.Trainer", "hf"), ("(d) trl.SFTTrainer", "trl")]
 # (hidden, intermediate, vocab, layers, seq, labelled): Gemma 3 4B's widths; --quick: a small stand-in.
 LOSS_SHAPE = {"full": (2560, 10240, 262144, 1, 2048, 256), "quick": (256, 1024, 32768, 1, 512, 64)}
+# Packing vs padding (tiny, micro batch 8: a real spread of lengths per micro-batch), vlm_sweep's loop each time.
+PACKING_BATCH = ["step_scheduler.micro_batch_size=8", "step_scheduler.global_batch_size=8"]
+PACKING = [("(a) padded, length-grouped (the default)", "", []),
+           ("(e) packed, pack_length null (one row)", "-packed", ["dataset.packing=true"]),
+           ("(f) packed, pack_length 512", "-packed512", ["dataset.packing=true", "dataset.pack_length=512"])]
 # (size, seq, optimizer steps, rows) of the activation-checkpointing comparison.
 CKPT_SHAPE = {"full": ("30m", 1024, 3, 1), "quick": ("tiny", 256, 2, 1)}
 
@@ -53,6 +60,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--sizes", default=None, help="comma list of tiny,30m (default: both; --quick: tiny)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: tiny 7, 30m 5)")
     parser.add_argument("--skip-memory", action="store_true", help="throughput only")
+    parser.add_argument("--skip-packing", action="store_true", help="no packed-vs-padded comparison")
     parser.add_argument("--profile", action="store_true", help="cProfile the real loop's timed steps")
     parser.add_argument("--log-dir", type=Path, default=None, help="worker logs (default outputs/bench/<time>)")
     args = parser.parse_args(argv)
@@ -87,6 +95,21 @@ def run_throughput(args: argparse.Namespace) -> Tuple[List[str], List[Check]]:
         rows += throughput_table(size, outcomes)
         checks += throughput_checks(size, {o.spec.variant: o for o in outcomes})
     return throughput_header(shapes) + rows, checks
+
+
+def run_packing(args: argparse.Namespace) -> List[str]:
+    """Packed vs padded rows, same loop, same batches: shown, not enforced (on a CPU, SDPA with a
+    block-diagonal mask computes the whole row's scores, so packing only wins with varlen kernels)."""
+    warmup, steps, rounds = schedule("tiny", args)
+    rounds = min(rounds, 5)
+    specs = [Spec(label, "real", [*PACKING_BATCH, *extra], tag=tag) for label, tag, extra in PACKING]
+    say(f"packing: {len(specs)} loops, {rounds} interleaved rounds of {steps} steps each")
+    outcomes = interleave(specs, "tiny", warmup=warmup, steps=steps, rounds=rounds, log_dir=args.log_dir,
+                          required=("real",), progress=lambda r: say(f"packing: round {r}/{rounds} done"))
+    header = throughput_header({"tiny, micro batch 8": (rounds, steps)})
+    header[0] = header[0].replace("Training throughput", "Packing vs padding, vlm_sweep's loop")
+    return header + throughput_table("tiny", outcomes) + [
+        "  real tokens/s: the padding packing removes is not counted as work; packing_efficiency is logged per step"]
 
 
 def throughput_checks(size: str, by: Dict[str, Outcome]) -> List[Check]:
@@ -183,6 +206,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         got, more = run_throughput(args)
         lines += got + [""]
         checks += more
+        if not args.skip_packing and "tiny" in args.sizes:
+            lines += run_packing(args) + [""]
         if not args.skip_memory:
             got, more = run_memory(args)
             lines += got + [""]

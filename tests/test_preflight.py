@@ -40,7 +40,7 @@ def _parts(overrides):
     """(cfg, processor, family, datasets, collator) exactly as the recipe builds them."""
     cfg = compose(overrides)
     processor = _processor(cfg)
-    collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record)
+    collator = VLMCollator.for_dataset(processor, cfg.dataset)
     return cfg, processor, get_family(cfg.model.family), build_datasets(cfg.dataset), collator
 
 
@@ -94,6 +94,28 @@ def test_report_numbers_match_the_collator_and_the_model_config(model, receipts_
     assert answer in trained and cfg.dataset.prompt not in trained and cfg.dataset.prompt in rendered
     text = format_report(report)
     assert f"{real} real of {processed} processed tokens" in text and "[[" in text and "usable" in text
+
+
+@pytest.mark.parametrize("pack_length", ["null", "512"])
+def test_packed_padding_is_what_the_packed_collator_runs(pack_length, receipts_dir):
+    """With dataset.packing the report counts the rows the collator really builds (padded to the longest row)."""
+    cfg, processor, family, datasets, collator = _parts(
+        ["model=tiny_gemma3", "dataset.max_train_samples=6", "dataset.max_val_samples=2",
+         "step_scheduler.micro_batch_size=3", "step_scheduler.global_batch_size=3", "dataset.packing=true",
+         f"dataset.pack_length={pack_length}"])
+    assert collator.packing
+    report = run_preflight(cfg, processor, family, datasets, collator, sample_size=None)
+    train = datasets["train"]
+    hints = train.length_hints() if cfg.dataset.group_by_length else None
+    order = ShardedIndexSampler(len(train), seed=cfg.seed, lengths=hints, batch_size=3).epoch_order(0)
+    real = processed = 0
+    for k in range(0, len(order), 3):
+        batch = collator([train[i] for i in order[k:k + 3]])
+        real, processed = real + int(batch["attention_mask"].sum()), processed + batch["input_ids"].numel()
+    assert report.padding == (real, processed, 2)
+    text = format_report(report)
+    assert f"packed into rows (dataset.pack_length={'None' if pack_length == 'null' else 512})" in text
+    assert f"{real} real of {processed} processed tokens" in text
 
 
 # A custom record's id: its row, then (for a JSON file) where it is, e.g. "custom/train[0] (.../train.jsonl:1)".

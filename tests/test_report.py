@@ -37,6 +37,7 @@ def _metric_rows(job_num: int, steps: int, with_val: bool, evals: Dict[str, floa
         row = {"step": step, "loss": 7.0 / (1 + 0.2 * step * (job_num + 1)) + 0.8, "lr": 1e-3,
                "grad_norm": 3.0, "label_tokens": 500, "tokens_per_s": 9000.0 + 100 * job_num,
                "peak_memory_gb": 1.2, "tflops": 300.0 + 10 * job_num, "mfu": (300.0 + 10 * job_num) / 989,
+               "packing_efficiency": 0.9 + 0.01 * job_num,
                "image_tokens": 2048, "text_tokens": 2452}  # 4500 tokens: 0.5 s a step at 9000 tokens/s
         if with_val and step % 10 == 0:
             row["val_loss"] = row["loss"] + 0.3
@@ -226,16 +227,18 @@ def test_single_job_sweep(tmp_path: Path):
 
 
 def test_throughput_columns_come_from_job_status(sweep_dir: Path):
-    """tokens/s, TFLOP/s, MFU and GPU-hours per job, as the jobs' status files give them."""
+    """tokens/s, real tokens (packing efficiency), TFLOP/s, MFU and GPU-hours per job, as the jobs' status files
+    give them."""
     table = _table(write_report(sweep_dir))
     assert table[0][table[0].index("val_loss") + 3:table[0].index("overrides")] == [
-        "tokens/s", "TFLOP/s", "MFU", "GPU-hours"]
+        "tokens/s", "real tokens", "TFLOP/s", "MFU", "GPU-hours"]
     first = _row(table, 0)
     # 30 logged steps of 4500 tokens at 9000 tokens/s on 2 processes: 30 x 0.5 s x 2 = 30 s.
-    assert (first["tokens/s"], first["TFLOP/s"], first["MFU"], first["GPU-hours"]) == (
-        "9,000", "300.0", "30.3%", f"{30 / 3600:.2g}")
+    assert (first["tokens/s"], first["real tokens"], first["TFLOP/s"], first["MFU"], first["GPU-hours"]) == (
+        "9,000", "90.0%", "300.0", "30.3%", f"{30 / 3600:.2g}")
     failed = _row(table, 2)  # no throughput in a FAILED status: the means of its metrics log
-    assert (failed["tokens/s"], failed["TFLOP/s"], failed["GPU-hours"]) == ("9,200", "320.0", "n/a")
+    assert (failed["tokens/s"], failed["real tokens"], failed["TFLOP/s"], failed["GPU-hours"]) == (
+        "9,200", "92.0%", "320.0", "n/a")
 
     # The status file is the source of truth: its values win over the metrics log.
     path = sweep_dir / "1" / "job_status.json"
@@ -263,20 +266,21 @@ def test_throughput_summary_from_metrics_log(tmp_path: Path):
     job_dir = tmp_path / "0"
     job_dir.mkdir()
     rows = [{"step": 1, "loss": 2.0, "tokens_per_s": 1000.0, "image_tokens": 600, "text_tokens": 400,
-             "tflops": 2.0, "mfu": 0.25},
+             "tflops": 2.0, "mfu": 0.25, "packing_efficiency": 0.75},
             {"step": 2, "loss": 1.5, "tokens_per_s": 3000.0, "image_tokens": 1200, "text_tokens": 300,
-             "tflops": 4.0},  # a step without mfu (peak unknown) does not count towards its mean
+             "tflops": 4.0, "packing_efficiency": 0.95},  # a step without mfu (peak unknown): not in its mean
             {"step": 3, "loss": 1.4, "val_loss": 1.6}]
     (job_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
     summary = throughput_summary(job_dir, num_processes=4)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert summary == pytest.approx({
-        "tokens_per_s": 2000.0, "tflops": 3.0, "mfu": 0.25,
+        "tokens_per_s": 2000.0, "tflops": 3.0, "mfu": 0.25, "packing_efficiency": 0.85,
         "device_hours": (1.0 + 0.5) * 4 / 3600,  # (1000/1000 + 1500/3000) s x 4 processes
         "device_type": device})
     assert throughput_summary(job_dir, 1, wall_seconds=7200.0)["device_hours"] == 2.0
     assert throughput_summary(tmp_path / "nothing", 1) == {
-        "tokens_per_s": None, "mfu": None, "tflops": None, "device_hours": None, "device_type": device}
+        "tokens_per_s": None, "mfu": None, "tflops": None, "packing_efficiency": None, "device_hours": None,
+        "device_type": device}
 
     write_status(job_dir, JobStatus(status="FINISHED", job_num=0, override_dirname="", overrides=[],
                                     log_path="", run_dir=str(job_dir), **summary))
@@ -284,8 +288,8 @@ def test_throughput_summary_from_metrics_log(tmp_path: Path):
     label = "GPU-hours" if device == "cuda" else "device-hours"
     assert label in table[0]
     row = _row(table, 0)
-    assert (row["tokens/s"], row["TFLOP/s"], row["MFU"], row[label]) == (
-        "**2,000**", "**3.0**", "**25.0%**", f"**{1.5 * 4 / 3600:.2g}**")
+    assert (row["tokens/s"], row["real tokens"], row["TFLOP/s"], row["MFU"], row[label]) == (
+        "**2,000**", "**85.0%**", "**3.0**", "**25.0%**", f"**{1.5 * 4 / 3600:.2g}**")
 
 
 def test_override_dirname_split_keeps_bracketed_values():

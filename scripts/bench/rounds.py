@@ -35,6 +35,7 @@ class Spec:
     label: str  # as printed in the table
     variant: str  # real | bare | hf | trl
     overrides: Sequence[str] = ()
+    tag: str = ""  # tells apart the logs of specs of one variant (e.g. packed / unpacked)
 
 
 @dataclass
@@ -106,8 +107,8 @@ def interleave(specs: Sequence[Spec], size: str, *, warmup: int, steps: int, rou
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     outcomes = [Outcome(s) for s in specs]
-    workers = [Worker(s, size, warmup, steps, rounds, log_dir / f"{size}-{s.variant}.log",
-                      log_dir / f"{size}-{s.variant}.prof" if profile and s.variant == "real" else None)
+    workers = [Worker(s, size, warmup, steps, rounds, log_dir / f"{size}-{s.variant}{s.tag}.log",
+                      log_dir / f"{size}-{s.variant}{s.tag}.prof" if profile and s.variant == "real" else None)
                for s in specs]
     live: Dict[int, Worker] = {}
     try:

@@ -77,8 +77,7 @@ def inspect(cfg: Any, sample_size: Optional[int] = None, progress: bool = False)
     validate_config(cfg)
     processor = load_processor_only(cfg.model)
     datasets = build_datasets(cfg.dataset)
-    collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record,
-                           min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels)
+    collator = VLMCollator.for_dataset(processor, cfg.dataset)
     return run_preflight(cfg, processor, get_family(cfg.model.family), datasets, collator, sample_size=sample_size,
                          progress=progress)
 

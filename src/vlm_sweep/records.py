@@ -61,7 +61,7 @@ def training_seconds(rows: List[Dict[str, Any]]) -> Optional[float]:
 
 def throughput_from_rows(rows: List[Dict[str, Any]], num_processes: Optional[int],
                          wall_seconds: Optional[float] = None) -> Dict[str, Optional[float]]:
-    """tokens_per_s / mfu / tflops means over the logged steps, and device_hours.
+    """tokens_per_s / mfu / tflops / packing_efficiency means over the logged steps, and device_hours.
 
     device_hours = wall time x ``num_processes`` (None if that is unknown); the wall time is
     ``wall_seconds`` if the caller measured it, else the training time of the log.
@@ -69,7 +69,8 @@ def throughput_from_rows(rows: List[Dict[str, Any]], num_processes: Optional[int
     seconds = wall_seconds if wall_seconds is not None else training_seconds(rows)
     hours = None if seconds is None or not num_processes else seconds * num_processes / 3600.0
     return {"tokens_per_s": _mean(rows, "tokens_per_s"), "mfu": _mean(rows, "mfu"),
-            "tflops": _mean(rows, "tflops"), "device_hours": hours}
+            "tflops": _mean(rows, "tflops"), "packing_efficiency": _mean(rows, "packing_efficiency"),
+            "device_hours": hours}
 
 
 def throughput_summary(run_dir: Path, num_processes: int,

@@ -158,10 +158,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
              trainable_by_component(model, family))
 
     datasets = build_datasets(cfg.dataset)
-    collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record,
-                           min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels,
-                           feature_cache_mb=cfg.dataset.feature_cache_mb, packing=cfg.dataset.packing,
-                           pack_length=cfg.dataset.pack_length)
+    collator = VLMCollator.for_dataset(processor, cfg.dataset)
     if cfg.dataset.preflight_samples:
         # Every rank checks (same result everywhere), so a refusal stops all before any collective.
         from vlm_sweep.data.preflight import format_report, run_preflight

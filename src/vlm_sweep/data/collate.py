@@ -184,6 +184,13 @@ def _first_line(err: BaseException) -> str:
 class VLMCollator:
     """Callable collate_fn: list of Sample (or None for skipped records) -> model batch."""
 
+    @classmethod
+    def for_dataset(cls, processor: Any, dataset_cfg: Any) -> "VLMCollator":
+        """The collator a run's ``dataset`` config asks for (training, ``inspect`` and the tests build it here)."""
+        return cls(processor, dataset_cfg.max_length, dataset_cfg.on_bad_record, min_pixels=dataset_cfg.min_pixels,
+                   max_pixels=dataset_cfg.max_pixels, feature_cache_mb=dataset_cfg.feature_cache_mb,
+                   packing=dataset_cfg.packing, pack_length=dataset_cfg.pack_length)
+
     def __init__(self, processor: Any, max_length: int, on_bad_record: str = "error", *,
                  min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
                  feature_cache_mb: float = DEFAULT_FEATURE_CACHE_MB, packing: bool = False,

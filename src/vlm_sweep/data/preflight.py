@@ -44,6 +44,7 @@ class PreflightReport:
     dataset: str
     max_length: int
     micro_batch_size: int
+    packing: Optional[str] = None  # "dataset.pack_length=<n>" when dataset.packing is on
     split_sizes: Dict[str, int] = field(default_factory=dict)  # split -> records in it
     checked: Dict[str, int] = field(default_factory=dict)  # split -> records checked
     skipped: Dict[str, int] = field(default_factory=dict)  # reason -> records
@@ -192,10 +193,12 @@ class _Checker:
         self.probe = copy.copy(collator)
         self.probe.max_length = 2 ** 62
         self.probe.skip_bad = False
+        self.probe.packing, self.probe.pack_length = False, None  # records are checked one by one
         self.image_ids, self.video_ids = media_token_ids(processor)
         self.report = PreflightReport(
             model=str(cfg.model.name), family=str(cfg.model.family), dataset=str(cfg.dataset.name),
-            max_length=self.max_length, micro_batch_size=int(cfg.step_scheduler.micro_batch_size))
+            max_length=self.max_length, micro_batch_size=int(cfg.step_scheduler.micro_batch_size),
+            packing=f"dataset.pack_length={cfg.dataset.pack_length}" if cfg.dataset.packing else None)
         self.lengths_by_split: Dict[str, Dict[int, int]] = {}
 
     def problem(self, record_id: str, reason: str, message: str, skippable: bool = True) -> None:
@@ -300,8 +303,10 @@ def padding_in_sampler_order(cfg: Any, train: Any, checked: Sequence[int],
     The run's sampler (same seed, same length grouping) orders the checked records; each micro
     batch drops its unusable records, as the collator does, and pads right to its longest. For
     a full check on one process this is exactly the first epoch; for a sample, the same
-    batching applied to the sampled records.
+    batching applied to the sampled records. With ``dataset.packing`` each micro batch is
+    packed into rows as the collator packs it (``data.packing.plan_rows``), padded to its longest row.
     """
+    from vlm_sweep.data.packing import plan_rows
     from vlm_sweep.data.sampler import ShardedIndexSampler
 
     if not lengths:
@@ -317,7 +322,13 @@ def padding_in_sampler_order(cfg: Any, train: Any, checked: Sequence[int],
     order = [checked[p] for p in sampler.epoch_order(0)]
     batches = [[lengths[i] for i in order[k:k + micro] if i in lengths] for k in range(0, len(order), micro)]
     batches = [b for b in batches if b]
-    return sum(map(sum, batches)), sum(max(b) * len(b) for b in batches), len(batches)
+
+    def processed(batch: List[int]) -> int:
+        if not cfg.dataset.packing:
+            return max(batch) * len(batch)
+        rows = plan_rows(batch, cfg.dataset.pack_length)
+        return len(rows) * max(sum(batch[i] for i in row) for row in rows)
+    return sum(map(sum, batches)), sum(processed(b) for b in batches), len(batches)
 
 
 def run_preflight(cfg: Any, processor: Any, family: Any, datasets: Dict[str, Any], collator: Any,
@@ -396,7 +407,8 @@ def format_report(report: PreflightReport) -> str:
                      f"({report.trained_tokens / total:.1%})")
     if report.padding_efficiency is not None:
         real, processed, batches = report.padding
-        lines.append(f"  padding    train in sampler order, {batches} batches of {report.micro_batch_size}: "
+        packed = f" packed into rows ({report.packing})" if report.packing else ""
+        lines.append(f"  padding    train in sampler order, {batches} batches of {report.micro_batch_size}{packed}: "
                      f"{real} real of {processed} processed tokens = {report.padding_efficiency:.1%} "
                      f"({1 - report.padding_efficiency:.1%} padding)")
     if report.label_preview:

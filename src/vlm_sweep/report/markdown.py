@@ -64,15 +64,16 @@ def table_rows(sweep: Sweep, metric: str = "val_loss", mode: str = "min") -> Lis
     keys, evals = sweep.varying_keys(), sweep.eval_metrics()
     show_errors = any(job.status != "FINISHED" for job in sweep.jobs)
     # The full override dirname goes last but one: long, and the varying keys already say it.
-    header = (["job", *keys, "status", "steps", "final loss", "val_loss", *evals, "tokens/s", "TFLOP/s",
-               "MFU", sweep.hours_label(), "overrides"] + (["error"] if show_errors else []))
+    header = (["job", *keys, "status", "steps", "final loss", "val_loss", *evals, "tokens/s", "real tokens",
+               "TFLOP/s", "MFU", sweep.hours_label(), "overrides"] + (["error"] if show_errors else []))
     best = best_job(sweep.jobs, metric, mode)
     rows = [header]
     for job in sweep.jobs:
         cells = [str(job.job_num), *(job.overrides.get(k, MISSING) for k in keys), job.status,
                  MISSING if job.step is None else str(job.step), _num(job.final_loss),
                  _num(job.val_loss), *(_num(job.metrics.get(k)) for k in evals),
-                 _num(job.tokens_per_s, ",.0f"), _num(job.tflops, ".1f"), _percent(job.mfu),
+                 _num(job.tokens_per_s, ",.0f"), _percent(job.packing_efficiency), _num(job.tflops, ".1f"),
+                 _percent(job.mfu),
                  _hours(job.device_hours),
                  f"`{job.override_dirname}`" if job.override_dirname else MISSING]
         cells += [short_error(job, sweep.sweep_dir)] if show_errors else []
@@ -97,7 +98,8 @@ def best_line(sweep: Sweep, metric: str, mode: str) -> str:
     """Which job won and by how much, or why none is marked."""
     best = best_job(sweep.jobs, metric, mode)
     if best is None:
-        known = ["loss", "val_loss", "tokens_per_s", "tflops", "mfu", "device_hours", *sweep.eval_metrics()]
+        known = ["loss", "val_loss", "tokens_per_s", "packing_efficiency", "tflops", "mfu", "device_hours",
+                 *sweep.eval_metrics()]
         return (f"no finished job reports `{metric}`: no best job marked "
                 f"(metrics available: {', '.join(known)})")
     direction = "lowest" if mode == "min" else "highest"
@@ -121,7 +123,8 @@ def render_report(sweep: Sweep, metric: str, mode: str, plots: Dict[str, str],
         lines.append("- same in every job: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items()))
     if sweep.parent_run_id:
         lines.append(f"- MLflow parent run: `{sweep.parent_run_id}`")
-    lines.append(f"- throughput: means over each job's logged steps; TFLOP/s and MFU per device, vision "
+    lines.append(f"- throughput: means over each job's logged steps; real tokens = share of the positions run "
+                 f"that are not padding (`dataset.packing` raises it); TFLOP/s and MFU per device, vision "
                  f"tower included (MFU n/a where the device peak is unknown); {sweep.hours_label()} = "
                  f"training wall time x processes")
     lines += ["", render_table(sweep, metric, mode), ""]

@@ -17,6 +17,7 @@ Curve = List[Tuple[int, float]]
 # Metrics that have their own table column; everything else named eval/... gets one each.
 BASE_METRICS = {"loss": "final_loss", "final_loss": "final_loss", "val_loss": "val_loss",
                 "tokens_per_s": "tokens_per_s", "mfu": "mfu", "tflops": "tflops",
+                "packing_efficiency": "packing_efficiency",
                 "device_hours": "device_hours", "step": "step", "steps": "step"}
 
 
@@ -36,6 +37,7 @@ class Job:
     tokens_per_s: Optional[float] = None  # all processes together
     mfu: Optional[float] = None  # fraction of the device peak, vision tower included
     tflops: Optional[float] = None  # achieved TFLOP/s per device
+    packing_efficiency: Optional[float] = None  # real tokens / positions run (dataset.packing raises it)
     device_hours: Optional[float] = None  # wall time x processes
     device_type: Optional[str] = None  # "cuda": the device-hours are GPU-hours
     error: Optional[str] = None

@@ -89,7 +89,7 @@ def _float(value: Any) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-THROUGHPUT = ("tokens_per_s", "mfu", "tflops", "device_hours")
+THROUGHPUT = ("tokens_per_s", "mfu", "tflops", "packing_efficiency", "device_hours")
 
 
 def _throughput(status: Dict[str, Any], measured: Dict[str, Optional[float]]) -> Dict[str, Any]:
@@ -242,7 +242,8 @@ def _job_from_run(client: Any, run: Any, index: int) -> Job:
     if not isinstance(lines, list):
         lines = split_override_dirname(name)
     loss, val = _history(client, run_id, "loss"), _history(client, run_id, "val_loss")
-    measured = {k: mean([v for _, v in _history(client, run_id, k)]) for k in ("tokens_per_s", "mfu", "tflops")}
+    measured = {k: mean([v for _, v in _history(client, run_id, k)])
+                for k in ("tokens_per_s", "mfu", "tflops", "packing_efficiency")}
     return Job(job_num=job_num, override_dirname=name, overrides=parse_overrides(lines),
                status=str(status.get("status") or run.info.status),
                step=loss[-1][0] if loss else None, final_loss=loss[-1][1] if loss else None,

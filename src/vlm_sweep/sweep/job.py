@@ -97,6 +97,7 @@ class JobStatus:
     tokens_per_s: Optional[float] = None
     mfu: Optional[float] = None  # fraction of the device's dense bf16 peak (absent: peak unknown)
     tflops: Optional[float] = None  # achieved TFLOP/s per device, vision tower included
+    packing_efficiency: Optional[float] = None  # real tokens / positions run (padding is the rest)
     device_hours: Optional[float] = None  # training wall time x processes (GPU-hours on GPUs)
     device_type: Optional[str] = None  # "cuda" or "cpu": whether device_hours are GPU-hours
     objective: Optional[float] = None
