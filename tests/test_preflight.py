@@ -21,7 +21,7 @@ from vlm_sweep.data.sets import get_spec
 from vlm_sweep.data.collate import VLMCollator
 from vlm_sweep.data.datasets import BadRecordError, build_datasets
 from vlm_sweep.data.formats import assistant_texts
-from vlm_sweep.data.preflight import format_report, run_preflight, sample_indices
+from vlm_sweep.data.preflight import format_report, media_kinds, run_preflight, sample_indices
 from vlm_sweep.data.sampler import ShardedIndexSampler
 from vlm_sweep.inspect import find_conf_dir, load_processor_only
 from vlm_sweep.models.registry import get_family
@@ -166,7 +166,17 @@ def test_video_records_against_each_family(model, outcome, tmp_path):
         _, _, _, datasets, collator = _parts(micro_1 + ["dataset.on_bad_record=skip"])
         assert collator([datasets["train"][2]])["num_skipped"] == 1
         return
-    report = _preflight(micro_2)  # training encodes one record per processor call: any micro batch
+    if not family.images_with_videos:  # Nemotron's frames fill the image token: one record per micro batch
+        with pytest.raises(ConfigError, match=r"^config error: step_scheduler.micro_batch_size=2, but custom mixes "
+                                              r"image and video records and model family 'nemotron_vl'"):
+            _preflight(micro_2)
+        _, _, _, datasets, collator = _parts(micro_2)
+        rows = [datasets["train"][i] for i in range(5)]
+        assert media_kinds(rows[1].conversation) == {"image"} and media_kinds(rows[2].conversation) == {"video"}
+        with pytest.raises(BadRecordError, match=r"\(images\) and .* \(video\) are in one micro-batch"):
+            collator(rows[1:3])  # what a mixed training batch would hit, instead of a crash in the forward
+    # Training encodes one record per processor call: any micro batch (of one kind, for Nemotron).
+    report = _preflight(micro_2 if family.images_with_videos else micro_1)
     generating = micro_2 + ["eval.every_steps=1", "eval.batch_size=2"]
     if outcome == "ok":
         _preflight(generating)

@@ -34,7 +34,7 @@ LOOP_OVERRIDES = [
     "dataset.preflight_samples=0",
     "step_scheduler.val_every_steps=1000000",
     "step_scheduler.ckpt_every_steps=1000000",
-    # fp32 like the bare loop and transformers.Trainer: `auto` would pick bf16 on a CPU with AVX512-BF16.
+    # fp32 like the bare loop and transformers.Trainer (auto is fp32 on a CPU; on a GPU it would be bf16).
     "parallel.mixed_precision=no",
 ]
 
@@ -166,9 +166,7 @@ def build_parts(cfg: Any) -> Parts:
     model = apply_peft(model, family, cfg.peft, cfg.freeze)
     apply_freeze(model, family, cfg.freeze)
     datasets = build_datasets(cfg.dataset)
-    collator = VLMCollator(processor, cfg.dataset.max_length, cfg.dataset.on_bad_record,
-                           min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels,
-                           feature_cache_mb=cfg.dataset.feature_cache_mb)
+    collator = VLMCollator.for_dataset(processor, cfg.dataset)
     train_loader, _ = build_loaders(cfg.dataset, cfg.step_scheduler, datasets, collator, seed=cfg.seed,
                                     rank=0, world_size=1, shard_validation=True, pin_memory=False)
     optimizer = build_optimizer(model, cfg.optimizer)

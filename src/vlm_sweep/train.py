@@ -43,24 +43,19 @@ def resolved_config(cfg: DictConfig) -> Dict[str, Any]:
     return redact(OmegaConf.to_container(cfg, resolve=True))
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPU computes bf16 matmuls natively (else bf16 is emulated, slower)."""
-    import torch
-
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 def resolved_precision(parallel_cfg: Any) -> str:
-    """auto -> bf16 where the device runs it natively (a bf16 GPU, a CPU with AVX512-BF16/AMX), else no (fp32)."""
+    """auto -> bf16 on a bf16 GPU, else no (fp32).
+
+    fp32 on every CPU, even one with AVX512-BF16/AMX: a CPU run is a smoke test, a demo or a test,
+    whose numbers must not depend on the CPU it lands on, and bf16 autocast measured slower than
+    fp32 on such a CPU for the tiny models (docs/performance.md). ``parallel.mixed_precision=bf16``
+    still asks for it.
+    """
     import torch
 
     precision = parallel_cfg.mixed_precision
     if precision == "auto":
-        if torch.cuda.is_available():
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "no"
-        else:
-            precision = "bf16" if cpu_has_native_bf16() else "no"
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return precision
 
 

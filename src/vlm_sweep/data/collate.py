@@ -31,6 +31,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 import torch
 
 from vlm_sweep.data.datasets import BadRecordError, Sample
+from vlm_sweep.data.derived_inputs import derive_inputs, family_of_processor
 from vlm_sweep.data.features import DEFAULT_FEATURE_CACHE_MB, FeatureCache, Features, merge_features, record_length
 from vlm_sweep.data.packing import pack_records
 from vlm_sweep.data.processor_kwargs import MediaKwargs
@@ -203,6 +204,10 @@ class VLMCollator:
         self.pack_length = pack_length if packing else None
         self.skip_bad = on_bad_record == "skip"
         self.markers = AssistantMarkers.for_processor(processor)
+        # Inputs the family's forward needs that its processor does not return (registry data), if any.
+        family = family_of_processor(processor)
+        self.derived_family = family if family and (family.derived_inputs or family.dropped_inputs) else None
+        self.images_with_videos = family is None or family.images_with_videos
         self.media_kwargs = MediaKwargs(processor, min_pixels=min_pixels, max_pixels=max_pixels)
         tokenizer = getattr(processor, "tokenizer", processor)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -234,8 +239,14 @@ class VLMCollator:
             return cached
         try:
             features = self._encode([sample])
+            if self.derived_family is not None:
+                features = derive_inputs(features, self.processor, self.derived_family)
         except Exception as err:  # noqa: BLE001 - any processor failure names the record
             return self._bad(f"{sample.record_id}: the processor cannot encode it ({_first_line(err)})")
+        if not self.images_with_videos and "pixel_values" in features and "pixel_values_videos" in features:
+            return self._bad(f"{sample.record_id}: has images and a video, which this model cannot take in one "
+                             "forward (its frames fill the image placeholder token); split the record, or "
+                             "dataset.on_bad_record=skip")
         length = record_length(features)
         if length > self.max_length:
             return self._bad(f"{sample.record_id}: {length} tokens exceed dataset.max_length="
@@ -246,6 +257,16 @@ class VLMCollator:
         self.cache.put(sample.record_id, features)
         return features
 
+    def _refuse_images_with_videos(self, kept: List[Tuple[Sample, Features]]) -> None:
+        """A model whose images and video frames share one placeholder token cannot take both in one forward."""
+        images = [s.record_id for s, f in kept if "pixel_values" in f]
+        videos = [s.record_id for s, f in kept if "pixel_values_videos" in f]
+        if images and videos:
+            raise BadRecordError(
+                f"{images[0]} (images) and {videos[0]} (video) are in one micro-batch, but this model takes images "
+                "and videos in one forward only apart (its frames fill the image placeholder token); set "
+                "step_scheduler.micro_batch_size=1 or train on one kind per run")
+
     def _bad(self, message: str) -> None:
         if not self.skip_bad:
             raise BadRecordError(message) from None
@@ -255,6 +276,8 @@ class VLMCollator:
     def __call__(self, samples: List[Optional[Sample]]) -> Dict[str, Any]:
         encoded = [(s, self._features(s)) for s in samples if s is not None]
         kept = [(s, f) for s, f in encoded if f is not None]
+        if not self.images_with_videos:
+            self._refuse_images_with_videos(kept)
         if self.packing and kept:
             return self._packed(kept, len(samples) - len(kept))
         batch: Dict[str, Any] = merge_features([f for _, f in kept], self.pad_token_id)

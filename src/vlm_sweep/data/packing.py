@@ -9,7 +9,7 @@ and video placeholder tokens counted) by first-fit-decreasing, evened out (``pla
 ``pack_length`` null puts the whole micro-batch into one row (no padding at all; memory never
 above the unpadded micro-batch's). Raise ``micro_batch_size`` to put more conversations per row. A conversation is never split, so neither is an image.
 
-How the model keeps conversations apart (the standard transformers path, nothing patched):
+How the model keeps conversations apart (the standard transformers path; only recurrent layers wrapped):
 the packed batch carries ``position_ids`` that restart at 0 for every conversation (and for the
 padding closing a row) and NO ``attention_mask`` to the model (the batch's 2-D real-token mask is
 bookkeeping; ``model_inputs`` leaves it out). transformers' ``masking_utils`` then finds the
@@ -25,8 +25,9 @@ mask tensor is built then). Registry data covers what the generic path cannot:
 * ``ModelFamily.packed_bidirectional_media``: media tokens that attend to each other both ways get
   an explicit per-layer-type block mask under SDPA / eager (transformers' packed-sequence remapping
   would index that overlay by position instead of by token);
-* ``ModelFamily.packing_refused``: families whose LM carries state across positions without
-  boundaries (Mamba mixers) are refused by the config check.
+* ``ModelFamily.packed_recurrent_modules``: layers that carry state along the row (Nemotron's Mamba2
+  mixers) get ``seq_idx`` and run per conversation (``data/packed_recurrence.py`` says how);
+* ``ModelFamily.packing_refused``: families that cannot be made exact are refused by the config check.
 
 Validation batches are packed the same way; ``Trainer`` applies ``PackedInputs`` to every batch.
 """
@@ -38,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from vlm_sweep.data import packed_recurrence
 from vlm_sweep.data.features import Features
 # Batch keys of a packed batch that are bookkeeping, not model inputs.
 PACK_LAYOUT = "pack_layout"  # per row: [(length, {media key: rows of it}), ...] in row order
@@ -190,6 +192,8 @@ class PackedInputs:
     ``ModelFamily.packed_rope_index``: multi-dimensional rotary positions per conversation.
     ``ModelFamily.packed_bidirectional_media``: an explicit per-layer-type mask (SDPA / eager / flex),
     because transformers remaps such a family's media overlay by position ids when it detects packing.
+    ``ModelFamily.packed_recurrent_modules``: ``seq_idx``, and those modules wrapped to honour it (at the
+    first packed batch: a run that never packs leaves the model untouched).
     """
 
     def __init__(self, model: Any, family: Any) -> None:
@@ -204,6 +208,15 @@ class PackedInputs:
         self.text_config = config.get_text_config() if config is not None else None
         self.dtype = next((p.dtype for p in inner.parameters() if p.is_floating_point()), torch.float32) \
             if isinstance(inner, torch.nn.Module) else torch.float32
+        self.recurrent = dict(getattr(family, "packed_recurrent_modules", None) or {})
+        self.model = inner if self.recurrent else None
+
+    def _wrap_recurrent(self) -> None:
+        """Wrap the family's recurrent modules once; naming none that the model has is an error."""
+        if self.model is not None:
+            if not packed_recurrence.install(self.model, self.recurrent):
+                raise ValueError(f"the model has no {sorted(self.recurrent)} (ModelFamily.packed_recurrent_modules)")
+            self.model = None
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         """The batch with per-conversation rope positions / masks where the family needs them."""
@@ -216,6 +229,10 @@ class PackedInputs:
                 out["attention_mask"] = masks
         if self.fn is not None:
             out["position_ids"] = self._rope_positions(batch)
+        if self.recurrent:
+            self._wrap_recurrent()
+            out[packed_recurrence.SEQ_IDX] = packed_recurrence.sequence_index(
+                batch[PACK_LAYOUT], batch["input_ids"].shape[1], batch["input_ids"].device)
         return out
 
     def _rope_positions(self, batch: Dict[str, Any]) -> torch.Tensor:

@@ -7,7 +7,8 @@ What it catches up front, naming the record or key:
 
 * records that cannot be read or converted (missing/corrupt media, bad roles, empty answers);
 * records longer than ``dataset.max_length`` (reported with their length);
-* video records for a model family without video (``ModelFamily.supports_video``);
+* video records for a model family without video (``ModelFamily.supports_video``), and image and
+  video records in one micro batch for a family that cannot take both (``images_with_videos``);
 * generation batches a family's processor cannot take (``ModelFamily.video_conversations_per_call``).
 
 Under ``dataset.on_bad_record=skip`` the problems training also skips (unreadable records,
@@ -358,7 +359,23 @@ def run_preflight(cfg: Any, processor: Any, family: Any, datasets: Dict[str, Any
         report.padding = padding_in_sampler_order(cfg, datasets["train"], checked["train"],
                                                   checker.lengths_by_split.get("train", {}))
     _check_usable(cfg, report, checker.lengths_by_split.get("train", {}))
+    _check_media_mix(cfg, family, report)
     return report
+
+
+def _check_media_mix(cfg: Any, family: Any, report: PreflightReport) -> None:
+    """Image and video records in one data set, for a model that cannot take both in one forward, need
+    micro batches of one record (``ModelFamily.images_with_videos``); else a mixed batch stops the run."""
+    micro = int(cfg.step_scheduler.micro_batch_size)
+    if family.images_with_videos or micro == 1 or not (report.records_by_media.get("image")
+                                                       and report.records_by_media.get("video")):
+        return
+    from vlm_sweep.errors import ConfigError
+
+    raise ConfigError(
+        f"config error: step_scheduler.micro_batch_size={micro}, but {report.dataset} mixes image and video records "
+        f"and model family {report.family!r} takes images and videos in one forward only apart (its video frames "
+        "fill the image placeholder token); set step_scheduler.micro_batch_size=1 or train on one kind per run")
 
 
 def _check_usable(cfg: Any, report: PreflightReport, train_lengths: Dict[int, int]) -> None:

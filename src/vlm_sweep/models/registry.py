@@ -49,6 +49,11 @@ class ModelFamily:
     # (None: no limit). Training encodes one record per call; generation encodes its batch in
     # one call, so this bounds eval.batch_size for data sets with videos.
     video_conversations_per_call: Optional[int] = None
+    # Whether one forward may carry image and video inputs together. False where images and video
+    # frames fill the same placeholder token, so the model cannot tell whose features go where: the
+    # collator refuses a micro-batch (or record) holding both, the pre-flight check a data set mixing
+    # them at micro batches above 1.
+    images_with_videos: bool = True
     # Fused mixture-of-experts weights: 3-D parameters (experts x out x in), not nn.Linear modules, named
     # by the suffix of their parameter path. LoRA reaches them through peft's ``target_parameters``
     # under the same component / glob rules as the linears (training/lora.py).
@@ -60,11 +65,22 @@ class ModelFamily:
     # dataset.packing: why packed rows cannot equal conversations run alone for this family (None:
     # they can); the config check refuses packing with this reason.
     packing_refused: Optional[str] = None
+    # dataset.packing: module classes (transformers class names) that carry state along the sequence
+    # (Mamba mixers) -> the kernel packages that keep packed sequences apart themselves given ``seq_idx``.
+    # Packed, each such module runs once per conversation (fresh state) unless those packages import
+    # (vlm_sweep.data.packed_recurrence).
+    packed_recurrent_modules: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     # dataset.packing: the batch key whose runs of 1s are media tokens attending to each other both ways
     # (Gemma 3's token_type_ids). Packed, such a family gets an explicit per-layer-type block mask:
     # transformers indexes that overlay by position ids once it detects packing (wrong past the first
     # conversation of a row).
     packed_bidirectional_media: Optional[str] = None
+    # Inputs the forward takes that the processor does not return, derived per encoded record: batch key ->
+    # rule name in vlm_sweep.data.derived_inputs.RULES, applied in this order (empty: the processor's output
+    # is the forward's input).
+    derived_inputs: Dict[str, str] = field(default_factory=dict)
+    # Processor outputs the forward does not accept (dropped per record, after derived_inputs).
+    dropped_inputs: Tuple[str, ...] = ()
 
     @property
     def modalities(self) -> Tuple[str, ...]:
@@ -137,17 +153,41 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
         # Its processor takes videos with a single prompt only ("Videos are only supported with
         # a single prompt"): one conversation per call, so micro batches of 1 for video data.
         video_conversations_per_call=1,
+        # Video frames fill <image> placeholders too ("Got 4 feature vectors for 12 placeholder tokens").
+        images_with_videos=False,
         # NemotronHExperts (transformers/models/nemotron_h): routed experts as up_proj/down_proj tensors of
         # shape (n_routed_experts, out, in); the shared expert and Mamba/attention projections are Linears.
         expert_parameters=("mixer.experts.up_proj", "mixer.experts.down_proj"),
-        # Its Mamba2 mixers (conv1d + selective scan) take no sequence boundaries in transformers'
-        # torch path (no seq_idx / cu_seqlens), so state would flow from one packed conversation into the next.
-        packing_refused="its hybrid Mamba2 language model carries recurrent state across packed conversations "
-                        "(transformers' Mamba2 mixer takes no sequence boundaries)",
+        # Its Mamba2 mixers (conv1d + selective scan) carry state along the row. transformers passes
+        # ``seq_idx`` to the mamba_ssm / causal_conv1d kernels (they restart the state per sequence);
+        # its PyTorch path takes no boundaries, so there each mixer runs once per packed conversation.
+        packed_recurrent_modules={"NemotronHMamba2Mixer": ("mamba_ssm", "causal_conv1d")},
     ),
     # nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16 through its hub remote code (trust_remote_code):
     # its auto_map offers AutoModel/AutoModelForCausalLM only. Module paths as in Megatron
     # Bridge's HF mapping (vision_model.radio_model.*, mlp1.*, language_model.backbone.*).
+    #
+    # Input contract, read from the hub repo's modeling.py / processing.py / image_processing.py (public
+    # copies found by code search; thodel/training-atr-models docs/NEMOTRON_FEASIBILITY.md measured the hub
+    # files themselves) and from how NVIDIA's trainers collate for it (NVIDIA-NeMo/Megatron-Bridge
+    # src/megatron/bridge/models/nemotron_vl/data/collate_fn.py; NVIDIA-NeMo/Automodel
+    # nemo_automodel/components/datasets/vlm/collate_fns.py, the collate mapped to NemotronNanoVLV2Processor):
+    # - forward(pixel_values, input_ids, attention_mask, position_ids, image_flags, past_key_values/cache_params,
+    #   labels, use_cache, output_attentions, output_hidden_states, return_dict): no **kwargs, no
+    #   logits_to_keep, no num_patches; pixel_values has no default.
+    # - pixel_values: (total tiles, 3, 512, 512), all images' tiles of the batch in order. Tiling (InternVL
+    #   dynamic_preprocess): the grid (i, j) with 1 <= i*j <= max_num_tiles=12 closest to the aspect ratio,
+    #   resize to 512i x 512j, cut into tiles, plus a 512x512 thumbnail when there is more than one tile.
+    # - image_flags: (total tiles, 1) long; forward squeezes it unconditionally and keeps vit_embeds[flags == 1]
+    #   (InternVL: 0 marks a text-only sample's dummy tile). The processor does not return it.
+    # - num_image_token = (512 / 16)^2 * 0.5^2 = 256 per tile (RADIO patch 16, pixel shuffle 0.5). The processor
+    #   expands each "<image>" the chat template renders into <img> + "<image>" x tiles*256 + </img>; forward
+    #   writes the ViT rows, in order, into the positions equal to config.img_context_token_id (the "<image>" id).
+    # - videos: processor(videos=frames) returns pixel_values_videos (a tile per frame) with "<video>" context
+    #   tokens; the training forward takes none of it (generate() does). Megatron Bridge hands frames over as
+    #   tiles with "<video>" ids replaced by "<image>" ids, and so does the tiles_in_bfloat16 rule.
+    # - extract_feature casts ViT features and the projector output to bf16: tiles go in as bf16.
+    # Checked against a stand-in with that forward (tests/test_nemotron_remote_contract.py), never the weights.
     "nemotron_vl_remote": ModelFamily(
         auto_model_class="AutoModelForCausalLM",
         processor_class="NemotronNanoVLV2Processor",
@@ -165,10 +205,16 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
         # Assumed as for the native processor: the hub code cannot be checked offline, and a
         # wrong refusal costs a smaller micro batch where a wrong pass would crash mid-run.
         video_conversations_per_call=1,
-        # Its Mamba2 mixers (conv1d + selective scan) take no sequence boundaries in transformers'
-        # torch path (no seq_idx / cu_seqlens), so state would flow from one packed conversation into the next.
-        packing_refused="its hybrid Mamba2 language model carries recurrent state across packed conversations "
-                        "(transformers' Mamba2 mixer takes no sequence boundaries)",
+        # Its Mamba2 mixers carry state along the row, and its hub forward (contract above: no **kwargs) takes
+        # no ``seq_idx`` to hand the conversation boundaries down to them; the hub code cannot be run here to
+        # prove a per-conversation split either (family nemotron_vl, the native classes, packs exactly).
+        packing_refused="its hybrid Mamba2 language model carries recurrent state along the row, and its hub "
+                        "remote code takes no sequence boundaries (no seq_idx) and cannot be checked offline "
+                        "to restart that state per packed conversation",
+        # See the contract above: frames as tiles and every tile bf16, then image_flags (a zero-flagged dummy
+        # tile for a record without media); num_patches is the processor's, not a forward argument.
+        derived_inputs={"pixel_values": "tiles_in_bfloat16", "image_flags": "ones_per_tile"},
+        dropped_inputs=("num_patches",),
     ),
 }
 

@@ -18,6 +18,8 @@ labelled logits instead, with the cross-entropy chunked over them.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
@@ -101,6 +103,14 @@ def output_head(model: Any) -> Optional[nn.Module]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    """Whether a model class's forward accepts ``logits_to_keep`` (every transformers class does; hub
+    remote code may not, e.g. Nemotron Nano V2 VL's forward has a fixed signature)."""
+    params = inspect.signature(model_class.forward).parameters.values()
+    return any(p.name == "logits_to_keep" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 @contextmanager
 def _head_returns_loss(head: nn.Module, targets: torch.Tensor, chunk_rows: Optional[int],
                        small_logits_bytes: int) -> Iterator[list]:
@@ -132,6 +142,13 @@ def summed_token_loss(model: Any, batch: Dict[str, Any], chunk_rows: Optional[in
     """
     inputs = model_inputs(batch, NON_MODEL_KEYS)
     mask, targets = labelled_positions(batch["labels"])
+    inner = _unwrap(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT's forward takes **kwargs
+    if not _forward_takes_logits_to_keep(type(base)):  # every position's logits, then the labelled
+        logits = model(**inputs, use_cache=False).logits
+        if targets.numel() == 0:
+            return logits.sum() * 0.0
+        return _chunked_sum(logits[mask], targets, lambda x: x, chunk_rows, small_logits_bytes)
     if targets.numel() == 0:  # nothing to learn here; still run the graph so every rank's backward matches
         logits = model(**inputs, use_cache=False, logits_to_keep=1).logits
         return logits.sum() * 0.0

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from vlm_sweep.data.loaders import from_handover
 from vlm_sweep.data.packing import PackedInputs, processed_tokens
 from vlm_sweep.models.registry import get_family
 from vlm_sweep.rundir import RunDir
@@ -126,7 +127,7 @@ class Trainer:
         skipped = 0
         while True:
             try:
-                batch = next(self._batches)
+                batch = from_handover(next(self._batches))
             except RuntimeError as err:  # a DataLoader worker ended by the same signal (e.g. SIGTERM to the group)
                 if self.stopper is not None and self.stopper.received:
                     raise StoppedWhileReading(f"stopped by signal {self.stopper.received}: {err}") from err
@@ -216,6 +217,7 @@ class Trainer:
         for i, batch in enumerate(self.val_loader):
             if limit is not None and i >= limit:
                 break
+            batch = from_handover(batch)
             if "input_ids" not in batch:
                 continue
             batch = self.packed_inputs(to_device(batch, self.acc.device))
