@@ -21,8 +21,8 @@ COMMON = ["step_scheduler.max_steps=40", "step_scheduler.ckpt_every_steps=10", "
           "peft.dropout=0.1", "eval=none", "dataset.max_val_samples=4", "checkpoint.keep_last=5"]
 
 
-def _launch_args(run_dir: Path, mlflow_uri: str) -> list:
-    return [str(ROOT / "launch.py"), f"hydra.run.dir={run_dir}", f"tracking.uri={mlflow_uri}", *COMMON]
+def _launch_args(run_dir: Path, mlflow_uri: str, extra: tuple = ()) -> list:
+    return [str(ROOT / "launch.py"), f"hydra.run.dir={run_dir}", f"tracking.uri={mlflow_uri}", *COMMON, *extra]
 
 
 def _metrics(run_dir: Path) -> list:
@@ -47,15 +47,16 @@ def _wait_for(predicate, timeout: float = 120.0, proc=None) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, mlflow_uri):
+@pytest.mark.parametrize("extra", [(), ("dataset.packing=true",)], ids=["padded", "packed"])
+def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, mlflow_uri, extra):
     from mlflow.tracking import MlflowClient
 
     straight = tmp_path / "straight"
-    proc = run_launch(_launch_args(straight, mlflow_uri)[1:])
+    proc = run_launch(_launch_args(straight, mlflow_uri, extra)[1:])
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     resumed = tmp_path / "resumed"
-    args = [sys.executable, *_launch_args(resumed, mlflow_uri)]
+    args = [sys.executable, *_launch_args(resumed, mlflow_uri, extra)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     latest = resumed / "checkpoints" / "LATEST"
     _wait_for(lambda: latest.exists(), proc=proc)
@@ -73,6 +74,8 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, mlflow_uri):
     assert [r["step"] for r in rows_b] == list(range(1, 41))
     assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
     assert [r.get("val_loss") for r in rows_a] == [r.get("val_loss") for r in rows_b]
+    if extra:  # really packed: one row per micro-batch, no padding
+        assert all(r["packing_efficiency"] == 1.0 for r in rows_b)
 
     # One MLflow run, one continuous curve, no step twice.
     run_id = json.loads((resumed / "tracking.json").read_text())["run_id"]
