@@ -62,6 +62,26 @@ def tiny_processor(recipe: str):
     return AutoProcessor.from_pretrained(model_dir, **get_family(recipe).processor_kwargs)
 
 
+@pytest.fixture(scope="module")
+def private_hf_datasets_cache(tmp_path_factory):
+    """Keep the Arrow cache of a module's throw-away data sets out of the user's HF cache."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
+        yield
+
+
+@pytest.fixture(scope="session")
+def frames(tmp_path_factory):
+    """Four frames decoded from a real 16-frame mp4 (as the LLaVA-Video loader decodes them)."""
+    from vlm_sweep.data.fixture_parts import write_video
+    from vlm_sweep.data.media import load_video_frames
+
+    clip = write_video(tmp_path_factory.mktemp("video") / "clip.mp4", num_frames=16, fps=8)
+    return load_video_frames(clip, num_frames=4)
+
+
 @pytest.fixture(scope="session")
 def gemma3_dir() -> Path:
     from vlm_sweep.models.tiny import build_tiny_model

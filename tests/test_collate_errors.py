@@ -9,20 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_processor
-from vlm_sweep.data import fixture_parts
 from vlm_sweep.data.collate import VLMCollator
 from vlm_sweep.data.datasets import BadRecordError, Sample
-from vlm_sweep.data.media import load_video_frames
-
-
-def _processor(family: str):
-    return tiny_processor(family)
-
-
-@pytest.fixture(scope="module")
-def frames(tmp_path_factory):
-    clip = fixture_parts.write_video(tmp_path_factory.mktemp("video") / "clip.mp4", num_frames=16, fps=8)
-    return load_video_frames(clip, num_frames=4)
 
 
 def _sample(record_id: str, answer: str, media=None, question: str = "What is shown?") -> Sample:
@@ -36,7 +24,7 @@ def _image() -> dict:
 
 
 def test_a_record_the_processor_cannot_take_is_named_or_skipped(frames, caplog):
-    gemma = _processor("gemma3")  # no video support
+    gemma = tiny_processor("gemma3")  # no video support
     samples = [_sample("data/train[0]", "a picture", _image()),
                _sample("data/train[7] (train.jsonl:8)", "a clip", {"type": "video", "video": frames})]
     with pytest.raises(BadRecordError) as err:
@@ -52,7 +40,7 @@ def test_a_record_the_processor_cannot_take_is_named_or_skipped(frames, caplog):
 
 
 def test_skipped_over_long_records_are_each_logged(caplog):
-    gemma = _processor("gemma3")
+    gemma = tiny_processor("gemma3")
     samples = [_sample("short", "a"), _sample("long[1]", "b " * 200), _sample("long[2]", "c " * 300)]
     limit = int(VLMCollator(gemma, 4096)(samples[:1])["attention_mask"].sum()) + 5
     with caplog.at_level(logging.WARNING, logger="vlm_sweep.data.collate"):

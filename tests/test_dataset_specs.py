@@ -22,14 +22,8 @@ from vlm_sweep.errors import UserError
 NAMES = sorted(all_specs())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def datasets_cache(tmp_path_factory):
-    """Keep the Arrow cache of these throw-away data sets out of the user's HF cache."""
-    import datasets
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
-        yield
+# Throw-away data sets: their Arrow cache stays out of the user's HF cache.
+pytestmark = pytest.mark.usefixtures("private_hf_datasets_cache")
 
 
 @pytest.fixture(scope="module")

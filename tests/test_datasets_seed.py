@@ -29,14 +29,8 @@ from vlm_sweep.data.media import MediaError, frame_indices, load_video_frames, s
 from vlm_sweep.metrics.vqa import choice_scores, free_text_scores, option_letter, token_f1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def datasets_cache(tmp_path_factory):
-    """Keep the Arrow cache of these throw-away data sets out of the user's HF cache."""
-    import datasets
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
-        yield
+# Throw-away data sets: their Arrow cache stays out of the user's HF cache.
+pytestmark = pytest.mark.usefixtures("private_hf_datasets_cache")
 
 
 @pytest.fixture(scope="module")

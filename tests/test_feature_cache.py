@@ -8,24 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_processor
-from vlm_sweep.data import fixture_parts as fixtures
+from conftest import FAMILIES as FAMILY_CONFIGS, tiny_processor
 from vlm_sweep.data.collate import VLMCollator
 from vlm_sweep.data.datasets import Sample
-from vlm_sweep.data.media import load_video_frames
 from vlm_sweep.models.registry import get_family
 
-FAMILIES = ["gemma3", "qwen2_5_vl", "nemotron_vl"]
-
-
-def _processor(family: str):
-    return tiny_processor(family)
-
-
-@pytest.fixture(scope="module")
-def frames(tmp_path_factory):
-    clip = fixtures.write_video(tmp_path_factory.mktemp("video") / "clip.mp4", num_frames=16, fps=8)
-    return load_video_frames(clip, num_frames=4)
+FAMILIES = [name.removeprefix("tiny_") for name in FAMILY_CONFIGS]  # tiny recipe names: every family
 
 
 def _sample(record_id: str, answer: str, images: int = 0, video=None) -> Sample:
@@ -57,7 +45,7 @@ def _assert_same(got: dict, expected: dict) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merged_records_equal_the_processors_own_batch(family, frames):
-    processor = _processor(family)
+    processor = tiny_processor(family)
     collator = VLMCollator(processor, 4096)
     samples = _mixed(family, frames)
     try:
@@ -73,7 +61,7 @@ def test_merged_records_equal_the_processors_own_batch(family, frames):
 
 
 def test_cached_records_are_not_encoded_again_and_the_budget_holds():
-    processor = _processor("gemma3")
+    processor = tiny_processor("gemma3")
     samples = [_sample(f"r{i}", "answer " * (i + 1), images=1) for i in range(4)]
     calls = []
     for budget_mb, expected_calls in ((64.0, 4), (0.0, 8)):
@@ -89,7 +77,7 @@ def test_cached_records_are_not_encoded_again_and_the_budget_holds():
 
 
 def test_records_a_processor_takes_one_per_call_still_batch_together(frames):
-    nemotron = _processor("nemotron_vl")  # its processor takes one video per call
+    nemotron = tiny_processor("nemotron_vl")  # its processor takes one video per call
     samples = [_sample(f"clips[{i}]", f"clip {i}", video=frames) for i in range(2)]
     collator = VLMCollator(nemotron, 4096)
     alone = [collator._encode([s]) for s in samples]
@@ -101,7 +89,7 @@ def test_records_a_processor_takes_one_per_call_still_batch_together(frames):
 
 
 def test_a_bad_record_costs_only_itself(caplog):
-    processor = _processor("gemma3")
+    processor = tiny_processor("gemma3")
     good = [_sample("good[0]", "fine"), _sample("good[1]", "also fine", images=1)]
     bad = Sample("bad[7]", [{"role": "user", "content": [{"type": "image", "image": "not an image"},
                                                          {"type": "text", "text": "?"}]},
