@@ -152,6 +152,29 @@ def test_packed_conversations_equal_each_alone(config, video, attn, clip_frames)
             torch.testing.assert_close(g_packed, g_alone, rtol=1e-3, atol=1e-5, msg=rid)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("config", FAMILIES)
+def test_padded_batches_run_as_transformers_masks_them(config, attn):
+    """What the trainer does to every padded batch (PackedInputs): a family with a media overlay gets its masks
+    built directly instead of by transformers' torch.vmap; logits and gradients stay those of transformers'."""
+    cfg = compose([f"model={config}"])
+    family = get_family(cfg.model.family)
+    torch.manual_seed(0)
+    model, processor = _model(cfg.model.tiny_recipe, attn), tiny_processor(cfg.model.tiny_recipe)
+    batch = VLMCollator(processor, 4096)(_conversations())  # four lengths: three rows are right-padded
+    assert (batch["attention_mask"] == 0).any()
+    prepared = PackedInputs(model, family)(batch)
+    assert isinstance(prepared["attention_mask"], dict) == (family.bidirectional_media is not None)
+    real = batch["attention_mask"].bool()
+    theirs = model(**model_inputs(batch, NON_MODEL_KEYS), use_cache=False).logits
+    ours = model(**model_inputs(prepared, NON_MODEL_KEYS), use_cache=False).logits
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
+    for g_ours, g_theirs in zip(_grads(model, summed_token_loss(model, prepared)),
+                                _grads(model, summed_token_loss(model, batch))):
+        if g_ours is not None and g_theirs is not None:
+            torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-6)
+
+
 RECURRENT = [f for f in FAMILIES if get_family(compose([f"model={f}"]).model.family).packed_recurrent_modules]
 
 

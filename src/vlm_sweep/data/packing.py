@@ -22,9 +22,11 @@ mask tensor is built then). Registry data covers what the generic path cannot:
   conversation by the model's own function, exactly as if each were alone, with the restarting 1-D
   text positions prepended as row 0 (the ``(1 + dims, batch, length)`` layout transformers reads
   for packed input);
-* ``ModelFamily.packed_bidirectional_media``: media tokens that attend to each other both ways get
+* ``ModelFamily.bidirectional_media``: media tokens that attend to each other both ways get
   an explicit per-layer-type block mask under SDPA / eager (transformers' packed-sequence remapping
-  would index that overlay by position instead of by token);
+  would index that overlay by position instead of by token). Padded batches of such a family get
+  the same explicit mask (with the padding as its own segment): equal to transformers' own, without
+  its per-forward torch.vmap construction;
 * ``ModelFamily.packed_recurrent_modules``: layers that carry state along the row (Nemotron's Mamba2
   mixers) get ``seq_idx`` and run per conversation (``data/packed_recurrence.py`` says how);
 * ``ModelFamily.packing_refused``: families that cannot be made exact are refused by the config check.
@@ -187,11 +189,12 @@ def _resolve(model: Any, dotted: str) -> Optional[Callable[..., Any]]:
 
 
 class PackedInputs:
-    """What a packed batch needs beyond restarting 1-D positions, by family data (a no-op unpacked).
+    """What a training batch needs beyond restarting 1-D positions, by family data.
 
-    ``ModelFamily.packed_rope_index``: multi-dimensional rotary positions per conversation.
-    ``ModelFamily.packed_bidirectional_media``: an explicit per-layer-type mask (SDPA / eager / flex),
-    because transformers remaps such a family's media overlay by position ids when it detects packing.
+    ``ModelFamily.packed_rope_index``: multi-dimensional rotary positions per conversation (packed).
+    ``ModelFamily.bidirectional_media``: an explicit per-layer-type mask (SDPA / eager / flex), packed
+    (transformers remaps such a family's media overlay by position ids when it detects packing) or
+    padded (transformers builds the same mask with torch.vmap on every forward).
     ``ModelFamily.packed_recurrent_modules``: ``seq_idx``, and those modules wrapped to honour it (at the
     first packed batch: a run that never packs leaves the model untouched).
     """
@@ -203,7 +206,7 @@ class PackedInputs:
         if rope_index and self.fn is None:
             raise ValueError(f"the model has no {rope_index} (ModelFamily.packed_rope_index)")
         self.params = set(inspect.signature(self.fn).parameters) if self.fn is not None else set()
-        self.media_key = getattr(family, "packed_bidirectional_media", None)
+        self.media_key = getattr(family, "bidirectional_media", None)
         config = getattr(inner, "config", None)
         self.text_config = config.get_text_config() if config is not None else None
         self.dtype = next((p.dtype for p in inner.parameters() if p.is_floating_point()), torch.float32) \
@@ -221,7 +224,7 @@ class PackedInputs:
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         """The batch with per-conversation rope positions / masks where the family needs them."""
         if PACK_LAYOUT not in batch:
-            return batch
+            return self._padded(batch)
         out = {**batch, PREPARED: True}
         if self.media_key and self.media_key in batch and self.text_config is not None:
             masks = block_masks(batch["position_ids"], batch[self.media_key], self.text_config, self.dtype)
@@ -234,6 +237,18 @@ class PackedInputs:
             out[packed_recurrence.SEQ_IDX] = packed_recurrence.sequence_index(
                 batch[PACK_LAYOUT], batch["input_ids"].shape[1], batch["input_ids"].device)
         return out
+
+    def _padded(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """A padded batch of a media-overlay family with its masks built directly (the padding of a row is
+        a segment of its own, so it neither attends to nor is attended by the conversation)."""
+        real = batch.get("attention_mask")
+        if not (self.media_key and self.media_key in batch and self.text_config is not None
+                and torch.is_tensor(real) and real.dim() == 2):
+            return batch
+        real = real.long()
+        positions = torch.where(real.bool(), real.cumsum(-1) - 1, (1 - real).cumsum(-1) - 1)
+        masks = block_masks(positions, batch[self.media_key], self.text_config, self.dtype)
+        return batch if masks is None else {**batch, "attention_mask": masks}
 
     def _rope_positions(self, batch: Dict[str, Any]) -> torch.Tensor:
         """(1 + dims, rows, length): the 1-D text positions, then each conversation's own rope ids."""

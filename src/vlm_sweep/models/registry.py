@@ -70,11 +70,12 @@ class ModelFamily:
     # Packed, each such module runs once per conversation (fresh state) unless those packages import
     # (vlm_sweep.data.packed_recurrence).
     packed_recurrent_modules: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
-    # dataset.packing: the batch key whose runs of 1s are media tokens attending to each other both ways
-    # (Gemma 3's token_type_ids). Packed, such a family gets an explicit per-layer-type block mask:
-    # transformers indexes that overlay by position ids once it detects packing (wrong past the first
-    # conversation of a row).
-    packed_bidirectional_media: Optional[str] = None
+    # The batch key whose runs of 1s are media tokens attending to each other both ways (Gemma 3's
+    # token_type_ids). Training batches of such a family get an explicit per-layer-type block mask
+    # (data.packing.block_masks): packed, transformers would index that overlay by position ids (wrong
+    # past a row's first conversation); padded, it would build it with torch.vmap (~30% of a tiny
+    # model's CPU step).
+    bidirectional_media: Optional[str] = None
     # Inputs the forward takes that the processor does not return, derived per encoded record: batch key ->
     # rule name in vlm_sweep.data.derived_inputs.RULES, applied in this order (empty: the processor's output
     # is the forward's input).
@@ -111,7 +112,7 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
             "language_model": ("model.language_model",),
         },
         # Image tokens attend to their whole image (bidirectional block), the rest causally.
-        packed_bidirectional_media="token_type_ids",
+        bidirectional_media="token_type_ids",
     ),
     "qwen2_5_vl": ModelFamily(
         auto_model_class="AutoModelForImageTextToText",

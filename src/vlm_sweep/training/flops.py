@@ -176,6 +176,9 @@ class FlopCounter:
         self._depth = 0
         self._frame: Dict[str, int] = defaultdict(int)  # component -> rows in the current forward
         self._images_from_projector = False
+        # The next forward's real (non-padding) token mask, for a batch whose attention_mask the model
+        # gets as per-layer masks (block masks of packed or media-overlay batches): set by the trainer.
+        self.real_tokens_mask: Optional[torch.Tensor] = None
         self.reset()
         self._install()
 
@@ -338,6 +341,8 @@ class FlopCounter:
         ids, mask = _first_tensor(args, kwargs, "input_ids"), kwargs.get("attention_mask")
         if ids is None or ids.dim() != 2 or ids.is_floating_point():
             return
+        if not (torch.is_tensor(mask) and mask.shape == ids.shape):  # per-layer masks: the trainer's real tokens
+            mask, self.real_tokens_mask = self.real_tokens_mask, None
         real = mask.bool() if torch.is_tensor(mask) and mask.shape == ids.shape else torch.ones_like(ids, dtype=torch.bool)
         n_real = real.sum()
         self._tokens["pad"] += ids.numel() - n_real

@@ -154,7 +154,9 @@ class Trainer:
         scale = self.acc.num_processes / max(global_tokens, 1)
         loss_sum = torch.zeros((), device=self.acc.device)
         for i, batch in enumerate(micro):
-            batch = self.packed_inputs(to_device(batch, self.acc.device))
+            batch = to_device(batch, self.acc.device)
+            self.flops.real_tokens_mask = batch["attention_mask"]  # the model may get per-layer masks instead
+            batch = self.packed_inputs(batch)
             sync = i == len(micro) - 1
             no_sync = contextlib.nullcontext() if sync else no_gradient_sync(self.model, self.acc)
             with no_sync, self.acc.autocast():
