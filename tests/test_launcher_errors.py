@@ -75,6 +75,14 @@ def test_slurm_sweep_refused_by_sbatch_quotes_its_error_in_one_line(tmp_path, ml
     assert "hydra/launcher=local" in line
 
 
+def _parent_pid(stat: Path) -> int:
+    """The parent pid from /proc/<pid>/stat (-1 if the process is gone)."""
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 @pytest.mark.slow
 def test_a_killed_local_job_is_recorded_failed_and_the_sweep_reports_it(tmp_path):
     """hydra/launcher=local: a job killed mid-run (OOM killer, kill -9) is FAILED with its log, and the sweep ends."""
@@ -96,12 +104,19 @@ def test_a_killed_local_job_is_recorded_failed_and_the_sweep_reports_it(tmp_path
             assert time.monotonic() < deadline, "the job did not start training"
             time.sleep(0.2)
         job_pid = int(next(sweep.glob(".submitit/*/*_0_log.out")).parent.name)  # local job id = its pid
-        os.kill(job_pid, signal.SIGKILL)
+        # The whole job, as the OOM killer or a scheduler would: its controller (the job id) and the
+        # training process under it (killing the controller alone would leave that one training on).
+        tasks = [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+                 if _parent_pid(stat) == job_pid]
+        for pid in [*tasks, job_pid]:
+            os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None:  # the sweep and its job: one process group
+        try:  # the sweep and its job: one process group; nothing of it may outlive the test
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        except ProcessLookupError:
+            pass
+        proc.wait()
     assert proc.returncode == 1
     status = json.loads((sweep / "0" / "job_status.json").read_text())
     assert status["status"] == "FAILED" and status["error"].startswith(f"job {job_pid} died: no result")

@@ -35,6 +35,18 @@ def _final_weights(run_dir: Path) -> dict:
     return trained_weights(run_dir / "checkpoints" / "step_40")
 
 
+def _processes_naming(path: Path) -> list:
+    """PIDs whose command line names ``path`` (a run's own processes and their workers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(path) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 def _wait_for(predicate, timeout: float = 120.0, proc=None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -62,6 +74,8 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, mlflow_uri, extra
     _wait_for(lambda: latest.exists(), proc=proc)
     proc.send_signal(signal.SIGKILL)  # no chance to clean up, like a node failure
     proc.wait()
+    # Its data-loading workers end with it (none is left waiting on a pipe nobody reads).
+    _wait_for(lambda: not _processes_naming(resumed), timeout=60)
     killed_at = int(latest.read_text().strip().split("_")[1])
     assert killed_at < 40 and not (resumed / "checkpoints" / "step_40").exists()
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from typing import Any, Dict, Optional, Tuple
 
 MAX_AUTO_WORKERS = 4
@@ -66,9 +68,21 @@ def resolve_num_workers(setting: Optional[int], processes_on_node: int = 1) -> i
 
 
 def quiet_worker(worker_id: int) -> None:
-    """Worker init: leave stop requests to the main process (SIGTERM still ends a worker)."""
+    """Worker init: leave stop requests to the main process (SIGTERM still ends a worker), and end with it.
+
+    A worker whose training process is killed (SIGKILL, the OOM killer) must not outlive it: torch's
+    own check runs only between batches, and a worker whose queue feeder is blocked writing to a pipe
+    nobody reads (its siblings hold the read end) would wait forever. A daemon thread ends it instead.
+    """
     for sig in (signal.SIGINT, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int, every_s: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(0)  # nothing to flush: the batches it would hand over have no reader any more
 
 
 def loader_options(num_workers: int, pin_memory: bool) -> Dict[str, Any]:
