@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps hydra-optuna-sweeper==1.3.0   # see pyproject.toml (optuna pin)
 	touch $(STAMP)
 
-# A tiny Gemma 3 learns to read receipts into CORD-v2 JSON (conf/experiment/receipts_demo.yaml: ~2 minutes of
-# training on 2 idle cores, ~3.5 on busy ones, after a ~20 s set-up), then is scored next to the untrained model
+# A tiny Gemma 3 learns to read receipts into CORD-v2 JSON (conf/experiment/receipts_demo.yaml: ~70 s of
+# training on 2 idle cores, ~3 min on busy ones, after a ~20 s set-up), then is scored next to the untrained model
 # on held-out receipts (~1 minute).
 demo: install
 	@run_dir=outputs/demo/$$(date +%Y-%m-%d_%H-%M-%S); \
