@@ -21,7 +21,8 @@ from vlm_sweep.data.sets import get_spec
 from vlm_sweep.data.collate import VLMCollator
 from vlm_sweep.data.datasets import BadRecordError, build_datasets
 from vlm_sweep.data.formats import assistant_texts
-from vlm_sweep.data.preflight import format_report, media_kinds, run_preflight, sample_indices
+from vlm_sweep.data.preflight import media_kinds, run_preflight, sample_indices
+from vlm_sweep.data.preflight_report import format_report
 from vlm_sweep.data.sampler import ShardedIndexSampler
 from vlm_sweep.inspect import find_conf_dir, load_processor_only
 from vlm_sweep.models.registry import get_family

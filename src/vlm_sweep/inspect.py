@@ -125,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(message if message.startswith("config error:") else f"error: {message}", file=sys.stderr)
         return 2
-    from vlm_sweep.data.preflight import format_report
+    from vlm_sweep.data.preflight_report import format_report
 
     print(format_report(report))
     return 0

@@ -156,7 +156,8 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     collator = VLMCollator.for_dataset(processor, cfg.dataset)
     if cfg.dataset.preflight_samples:
         # Every rank checks (same result everywhere), so a refusal stops all before any collective.
-        from vlm_sweep.data.preflight import format_report, run_preflight
+        from vlm_sweep.data.preflight import run_preflight
+        from vlm_sweep.data.preflight_report import format_report
 
         report = run_preflight(cfg, processor, family, datasets, collator,
                                sample_size=cfg.dataset.preflight_samples)
