@@ -33,9 +33,10 @@ def _losses(run_dir: Path) -> list:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_fsdp_shards_parameters_and_matches_one_process(tmp_path):
+@pytest.mark.parametrize("packing", [[], ["dataset.packing=true"]], ids=["padded", "packed"])
+def test_fsdp_shards_parameters_and_matches_one_process(tmp_path, packing):
     fsdp = tmp_path / "fsdp"
-    proc = _torchrun(fsdp, "peft=none", "freeze=none", "step_scheduler.max_steps=2", port=29541)
+    proc = _torchrun(fsdp, "peft=none", "freeze=none", "step_scheduler.max_steps=2", *packing, port=29541)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((fsdp / f"sharding_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["dtensor_params"] == r["params"] for r in ranks), "every parameter is a DTensor"
@@ -44,7 +45,7 @@ def test_fsdp_shards_parameters_and_matches_one_process(tmp_path):
 
     single = tmp_path / "single"
     proc = run_launch([f"hydra.run.dir={single}", "peft=none", "freeze=none", "step_scheduler.max_steps=2",
-                       *COMMON])
+                       *COMMON, *packing])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _losses(fsdp) == pytest.approx(_losses(single), rel=1e-4)
     a = load_file(fsdp / "checkpoints" / "step_2" / "model" / "model.safetensors")

@@ -145,11 +145,12 @@ def test_hub_model_offline_fails_fast_with_clear_message(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_ddp_two_cpu_processes_matches_single_process(tmp_path):
-    """2 gloo ranks x micro 2 == 1 process x 2 micro-batches: same samples, same update."""
+@pytest.mark.parametrize("packing", [[], ["dataset.packing=true"]], ids=["padded", "packed"])
+def test_torchrun_ddp_two_cpu_processes_matches_single_process(tmp_path, packing):
+    """2 gloo ranks x micro 2 == 1 process x 2 micro-batches: same samples, same update (packed too)."""
     common = ["tracking=none", "peft=none", "freeze=none", "step_scheduler.max_steps=2",
               "step_scheduler.global_batch_size=4", "step_scheduler.micro_batch_size=2",
-              "dataset.val_split=null", "eval=none", "scheduler=constant"]
+              "dataset.val_split=null", "eval=none", "scheduler=constant", *packing]
     ddp_dir = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
