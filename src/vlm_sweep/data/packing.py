@@ -84,11 +84,15 @@ def plan_rows(lengths: Sequence[int], pack_length: Optional[int]) -> List[List[i
     return [sorted(r) for r in (balanced if max(totals, default=0) <= pack_length else rows)]
 
 
+def planned_positions(lengths: Sequence[int], rows: Sequence[Sequence[int]]) -> int:
+    """Positions one packed micro-batch runs (every row padded to the longest)."""
+    return len(rows) * max((sum(lengths[i] for i in row) for row in rows), default=0)
+
+
 def plan_efficiency(lengths: Sequence[int], rows: Sequence[Sequence[int]]) -> float:
-    """Real tokens / processed tokens of one packed micro-batch (rows padded to the longest row)."""
-    totals = [sum(lengths[i] for i in row) for row in rows]
-    processed = len(totals) * max(totals, default=0)
-    return sum(totals) / processed if processed else 1.0
+    """Real tokens / processed tokens of one packed micro-batch."""
+    processed = planned_positions(lengths, rows)
+    return sum(lengths[i] for row in rows for i in row) / processed if processed else 1.0
 
 
 def _is_sequence(value: Any, length: int) -> bool:

@@ -231,7 +231,7 @@ def padding_in_sampler_order(cfg: Any, train: Any, checked: Sequence[int],
     batching applied to the sampled records. With ``dataset.packing`` each micro batch is
     packed into rows as the collator packs it (``data.packing.plan_rows``), padded to its longest row.
     """
-    from vlm_sweep.data.packing import plan_rows
+    from vlm_sweep.data.packing import plan_rows, planned_positions
     from vlm_sweep.data.sampler import ShardedIndexSampler
 
     if not lengths:
@@ -251,8 +251,7 @@ def padding_in_sampler_order(cfg: Any, train: Any, checked: Sequence[int],
     def processed(batch: List[int]) -> int:
         if not cfg.dataset.packing:
             return max(batch) * len(batch)
-        rows = plan_rows(batch, cfg.dataset.pack_length)
-        return len(rows) * max(sum(batch[i] for i in row) for row in rows)
+        return planned_positions(batch, plan_rows(batch, cfg.dataset.pack_length))
     return sum(map(sum, batches)), sum(processed(b) for b in batches), len(batches)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from vlm_sweep.data.loaders import from_handover
-from vlm_sweep.data.packing import PackedInputs, processed_tokens
+from vlm_sweep.data.packing import PackedInputs, processed_tokens, real_tokens
 from vlm_sweep.models.registry import get_family
 from vlm_sweep.rundir import RunDir
 from vlm_sweep.training.guards import DataHealth, StopSignal, StoppedWhileReading
@@ -169,7 +169,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(loss_sum=loss_sum, grad_norm=grad_norm, label_tokens=global_tokens,
-                         tokens=sum(int(b["attention_mask"].sum()) for b in micro),
+                         tokens=sum(real_tokens(b) for b in micro),
                          skipped=sum(b["num_skipped"] for b in micro),
                          processed=sum(processed_tokens(b) for b in micro))
 
