@@ -455,24 +455,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         for name in args.models:
             rows += bench_model(name, args, work, deadline)
+            write_report(args, rows, started)  # after each model: a run killed later keeps these rows
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    device = device_name()
-    print(f"\n{device}, {'tiny models' if args.tiny else 'bf16'}, global batch {args.batch_size} "
+    print(f"\n{device_name()}, {'tiny models' if args.tiny else 'bf16'}, global batch {args.batch_size} "
           f"(micro {args.micro_batch_size}), images {args.image_size[0]}x{args.image_size[1]}, "
           f"means over steps {min(args.warmup, args.steps - 1) + 1}-{args.steps}, "
           f"{time.monotonic() - started:.0f} s in all")
     print(render_table(rows))
     if args.out:
-        report = {"device": device, "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup,
-                  "global_batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
-                  "image_size": list(args.image_size), "overrides": list(args.overrides),
-                  "seconds": time.monotonic() - started, "rows": [asdict(r) for r in rows]}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"json: {args.out}")
     return 1 if any(r.error for r in rows) else 0
+
+
+def write_report(args: argparse.Namespace, rows: Sequence[Row], started: float) -> None:
+    """The rows so far as JSON at ``--out`` (rewritten whole, atomically)."""
+    if not args.out:
+        return
+    import torch
+
+    report = {"device": device_name(), "torch": torch.__version__, "tiny": args.tiny, "steps": args.steps,
+              "warmup": args.warmup, "global_batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
+              "image_size": list(args.image_size), "max_length": args.max_length, "overrides": list(args.overrides),
+              "seconds": time.monotonic() - started, "rows": [asdict(r) for r in rows]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_name(args.out.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(args.out)
 
 
 if __name__ == "__main__":

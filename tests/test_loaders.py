@@ -1,12 +1,17 @@
-"""The batch hand-over from data-loading workers: what the training loop reads equals what the collator built."""
+"""Data-loading workers: what the training loop reads equals what the collator built; who may stop them."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlm_sweep.data.loaders import HANDOVER_AS_NUMPY_BYTES, NumpyHandover, from_handover
+from vlm_sweep.data.loaders import HANDOVER_AS_NUMPY_BYTES, NumpyHandover, from_handover, loader_options
 
 
 def _collate(indices):
@@ -38,3 +43,40 @@ def test_worker_batches_arrive_as_the_collator_built_them():
 def test_without_workers_the_batch_is_passed_through_untouched():
     batch = _collate([0, 1])
     assert all(a is b for a, b in zip(from_handover(batch).values(), batch.values()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie has ended
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+def test_a_worker_outlives_sigterm_from_others_but_not_from_its_training_process():
+    """``scancel`` signals every process of a job: the run must stop at a step boundary, not lose its data.
+
+    A worker ended by that SIGTERM made torch raise "DataLoader worker is killed" wherever the
+    training process was, before it could checkpoint (a SLURM job then ended FAILED).
+    """
+    loader = DataLoader(list(range(10_000)), batch_size=2, **loader_options(num_workers=1, pin_memory=False))
+    batches = iter(loader)
+    next(batches)
+    worker = batches._workers[0]
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # from another process, as slurmstepd
+    time.sleep(1.0)
+    assert _alive(worker.pid)
+    assert [next(batches)[0].item() for _ in range(3)] == [2, 4, 6]  # and it keeps loading
+    os.kill(worker.pid, signal.SIGTERM)  # torch's last-resort terminate(), from the training process
+    assert _wait_gone(worker.pid, 10), "the training process's SIGTERM still ends a worker"
+    worker.join(5)
+    assert worker.exitcode == 0
+    batches._shutdown_workers()

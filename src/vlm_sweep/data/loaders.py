@@ -6,10 +6,13 @@ Records are decoded, resized, templated and tokenised in worker processes (``dat
 The training loader is a ``StatefulDataLoader`` over a deterministic sampler: its position is
 checkpointed and restored exactly, with or without workers.
 
-Workers ignore SIGINT (Ctrl-C reaches the whole process group) and SIGUSR2 (preemption notice):
-stopping is the main process's decision (it checkpoints at a step boundary, then shuts the
-workers down); a worker killed by Ctrl-C would otherwise end the run with "DataLoader worker
-exited unexpectedly". SIGTERM keeps its default: it is how the workers are shut down.
+Workers ignore SIGINT (Ctrl-C reaches the whole process group), SIGUSR2 (preemption notice) and
+a SIGTERM that does not come from their own training process (``scancel`` signals every process
+of a job): stopping is the main process's decision (it checkpoints at a step boundary, then shuts
+the workers down). A worker ended by the job's signal would otherwise end the run with "DataLoader
+worker is killed by signal", raised wherever the main process happens to be, before it can
+checkpoint. A SIGTERM from the training process itself (torch's last-resort ``terminate``) still
+ends a worker, quietly, as torch's own worker handler (which a blocked signal never reaches) does.
 """
 
 from __future__ import annotations
@@ -68,15 +71,27 @@ def resolve_num_workers(setting: Optional[int], processes_on_node: int = 1) -> i
 
 
 def quiet_worker(worker_id: int) -> None:
-    """Worker init: leave stop requests to the main process (SIGTERM still ends a worker), and end with it.
+    """Worker init: leave stop requests to the main process, and end with it.
 
     A worker whose training process is killed (SIGKILL, the OOM killer) must not outlive it: torch's
     own check runs only between batches, and a worker whose queue feeder is blocked writing to a pipe
     nobody reads (its siblings hold the read end) would wait forever. A daemon thread ends it instead.
     """
+    parent = os.getppid()
     for sig in (signal.SIGINT, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), name="exit-with-parent", daemon=True).start()
+    # SIGTERM is blocked in every thread (threads started later inherit the mask) and taken by one
+    # that can see who sent it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_sigterm_from, args=(parent,), name="sigterm-from-parent", daemon=True).start()
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent or os.getppid() != parent:
+            os._exit(0)  # as torch's own worker handler does for its parent's SIGTERM
 
 
 def _exit_when_orphaned(parent: int, every_s: float = 1.0) -> None:
