@@ -162,3 +162,38 @@ def test_a_json_array_file_names_each_record_by_its_line(tmp_path):
     data.write_text(data.read_text().replace('"answer 1"', '"answer 1" oops'))
     with pytest.raises(DatasetLoadError, match=re.escape(f"{data}:") + r"\d+: invalid JSON"):
         build_datasets(cfg)
+
+
+@pytest.mark.parametrize("path", ["/data/cord_v2", "./my_receipts", "data/train.jsonl", "runs/data/cord"])
+def test_a_missing_local_data_path_is_named_as_missing_not_as_a_hub_id(tmp_path, path):
+    """A typo in dataset.path must not send the user to `hf download /data/...` or a hub timeout."""
+    cfg = compose(["dataset=custom", f"dataset.path={path}"]).dataset
+    with pytest.raises(DatasetLoadError) as err:
+        build_datasets(cfg)
+    assert str(err.value) == f"dataset.path {path!r} does not exist (no such file or directory)"
+
+
+def test_a_hub_data_set_offline_and_not_cached_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
+    cfg = compose(["dataset=cord_v2"]).dataset
+    with pytest.raises(DatasetLoadError) as err:
+        build_datasets(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "naver-clova-ix/cord-v2" in message
+    assert "hf download --repo-type dataset naver-clova-ix/cord-v2" in message and "dataset.path=DIR" in message
+
+
+def test_an_unreadable_data_set_stops_the_run_before_the_model_loads(tmp_path, monkeypatch):
+    """Loading a 12B model takes minutes: a wrong dataset.path must fail first."""
+    import vlm_sweep.models.load as load
+    from vlm_sweep.train import run
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(load, "load_model", no_model)
+    monkeypatch.setattr(load, "load_processor", no_model)
+    cfg = compose(["dataset=custom", f"dataset.path={tmp_path / 'missing.jsonl'}", "tracking=none"])
+    with pytest.raises(DatasetLoadError, match="does not exist"):
+        run(cfg, tmp_path / "run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Optional
 from urllib.parse import urlparse
@@ -11,6 +12,18 @@ from urllib.parse import urlparse
 def hub_offline() -> bool:
     """True when the user asked for offline mode (HF_HUB_OFFLINE)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
+
+
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """``owner/name`` (or a bare ``name``): what the hub could have; ``/data/cord``, ``./x``, ``a/b/c``,
+    ``data/train.jsonl`` are paths."""
+    return HUB_REPO_ID.fullmatch(source) is not None and not source.lower().endswith(DATA_FILE_SUFFIXES)
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

@@ -126,7 +126,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     from vlm_sweep.data.collate import VLMCollator
     from vlm_sweep.data.datasets import build_datasets
     from vlm_sweep.data.loaders import build_loaders
-    from vlm_sweep.models.load import load_model_and_processor
+    from vlm_sweep.models.load import checked_source, load_model_and_processor
     from vlm_sweep.models.registry import get_family
     from vlm_sweep.training.freeze import apply_freeze, trainable_by_component
     from vlm_sweep.training.peft_methods import apply_peft
@@ -140,7 +140,11 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
 
         check_tracking(cfg.tracking, cfg.paths.output_root)
 
-    model, processor = load_model_and_processor(cfg.model)
+    # Cheap checks first: a model that cannot load, then the data (a missing or unreadable data set is
+    # one line in seconds, not after minutes of loading a 12B model).
+    source = checked_source(cfg.model)
+    datasets = build_datasets(cfg.dataset)
+    model, processor = load_model_and_processor(cfg.model, source)
     if cfg.parallel.activation_checkpointing:
         enable_activation_checkpointing(model)
     model = apply_peft(model, family, cfg.peft, cfg.freeze)
@@ -152,7 +156,6 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
              100 * counts["trainable_params"] / counts["total_params"],
              trainable_by_component(model, family))
 
-    datasets = build_datasets(cfg.dataset)
     collator = VLMCollator.for_dataset(processor, cfg.dataset)
     if cfg.dataset.preflight_samples:
         # Every rank checks (same result everywhere), so a refusal stops all before any collective.

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Container, Dict, List, Optional, Tuple
 
 from vlm_sweep.errors import BadRecordError, DatasetLoadError  # noqa: F401 (re-exported)
-from vlm_sweep.hub import download_hint, hub_offline, hub_reachable
+from vlm_sweep.hub import download_hint, hub_offline, hub_reachable, looks_like_hub_id
 from vlm_sweep.data.json_source import bad_file_line, load_file, quiet_json_builder, root_cause
 from vlm_sweep.data.media import VideoFrames, shrink_image, to_rgb
 from vlm_sweep.data.formats import Conversation, assistant_texts
@@ -99,6 +99,8 @@ def load_source_split(dataset_cfg: Any, split: str) -> Any:
     source = str(dataset_cfg.path)
     local = Path(source)
     if not local.exists():
+        if not looks_like_hub_id(source):
+            raise DatasetLoadError(f"dataset.path {source!r} does not exist (no such file or directory)")
         if not hub_offline() and not hub_reachable():
             raise DatasetLoadError(
                 f"dataset {source!r} is not a local path and the Hugging Face hub is not reachable: "
@@ -117,8 +119,10 @@ def load_source_split(dataset_cfg: Any, split: str) -> Any:
         raise DatasetLoadError(f"could not load split {split!r} of dataset {source!r}: "
                                f"{bad_file_line(dataset_cfg) or root_cause(err)}") from None
     except (FileNotFoundError, ValueError, ConnectionError) as err:
+        # Offline and not in the datasets cache: say how to get it, as for a hub that cannot be reached.
+        hint = f"; {download_hint(source, repo_type='dataset')}" if isinstance(err, ConnectionError) else ""
         raise DatasetLoadError(
-            f"could not load split {split!r} of dataset {source!r}: {str(err).splitlines()[0]}"
+            f"could not load split {split!r} of dataset {source!r}: {str(err).splitlines()[0]}{hint}"
         ) from err
     loaded = loaded.add_column(ROW_COLUMN, np.arange(len(loaded), dtype=np.int64))
     if lines is not None and len(lines) == len(loaded):

@@ -110,10 +110,16 @@ def load_model(source: str, model_cfg: Any) -> Any:
     )
 
 
-def load_model_and_processor(model_cfg: Any) -> Tuple[Any, Any]:
-    """Resolve, preflight, then load processor and model."""
+def checked_source(model_cfg: Any) -> str:
+    """The model's local dir or hub id: a tiny model built, a hub model known to be loadable (one line if not)."""
     source = resolve_source(model_cfg)
     preflight_hub_access(source, model_cfg.revision)
+    return source
+
+
+def load_model_and_processor(model_cfg: Any, source: Optional[str] = None) -> Tuple[Any, Any]:
+    """Processor and model from ``source`` (default: ``checked_source(model_cfg)``)."""
+    source = source or checked_source(model_cfg)
     try:
         processor = load_processor(source, model_cfg)
         model = load_model(source, model_cfg)
