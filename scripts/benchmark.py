@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.common import PREFIX, ROOT, size_overrides  # noqa: E402  (sets the thread/cache environment first)
+from bench.common import PREFIX, ROOT, SIZES, size_overrides  # noqa: E402  (sets the thread/cache environment first)
 from bench.report import Check, memory_table, paired_ratio, throughput_header, throughput_table  # noqa: E402
 from bench.rounds import Outcome, Spec, WorkerError, interleave  # noqa: E402
 
@@ -57,7 +57,9 @@ CKPT_SHAPE = {"full": ("30m", 1024, 3, 1), "quick": ("tiny", 256, 2, 1)}
 def parse_args(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 rounds of 2 steps")
-    parser.add_argument("--sizes", default=None, help="comma list of tiny,30m (default: both; --quick: tiny)")
+    parser.add_argument("--sizes", default=None,
+                        help="comma list of tiny,30m,30m_vocab (default: tiny,30m; --quick: tiny); 30m_vocab: "
+                             "the 30M model with Gemma 3's real 262,144-token vocabulary (opt-in, ~2x slower)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: tiny 7, 30m 5)")
     parser.add_argument("--skip-memory", action="store_true", help="throughput only")
     parser.add_argument("--skip-packing", action="store_true", help="no packed-vs-padded comparison")
@@ -65,6 +67,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--log-dir", type=Path, default=None, help="worker logs (default outputs/bench/<time>)")
     args = parser.parse_args(argv)
     args.sizes = (args.sizes or ("tiny" if args.quick else "tiny,30m")).split(",")
+    unknown = [size for size in args.sizes if size not in SIZES]
+    if unknown:
+        parser.error(f"unknown --sizes {','.join(unknown)}; choose from {','.join(SIZES)}")
     args.log_dir = args.log_dir or ROOT / "outputs" / "bench" / time.strftime("%Y-%m-%d_%H-%M-%S")
     return args
 

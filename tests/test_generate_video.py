@@ -7,13 +7,15 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
-from conftest import CACHE, ROOT
+from conftest import CACHE, FAMILIES, ROOT
 from vlm_sweep.data.fixture_parts import write_video
 from vlm_sweep.models.registry import get_family
 from vlm_sweep.models.tiny import build_tiny_model
 
-TINY = {"tiny_gemma3": "gemma3", "tiny_qwen2_5_vl": "qwen2_5_vl", "tiny_nemotron_vl": "nemotron_vl"}
+# Every family's tiny config -> its family (= its tiny recipe, see conftest.FAMILIES).
+TINY = {name: OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml").family for name in FAMILIES}
 
 
 def _generate(*args: str) -> subprocess.CompletedProcess:

@@ -13,17 +13,15 @@ import torch
 from PIL import Image
 
 from conftest import CACHE
+from family_expectations import EXPECTED, FAMILY_OF, RECIPES
 from vlm_sweep.data.collate import IGNORE_INDEX, VLMCollator
 from vlm_sweep.data.datasets import Sample
 from vlm_sweep.data.formats import assistant_texts
 from vlm_sweep.models.registry import get_family
 
-# family -> (what the template puts between an answer and its end-of-turn token, that token)
-CLOSING = {
-    "gemma3": ("", "<end_of_turn>"),
-    "qwen2_5_vl": ("", "<|im_end|>"),
-    "nemotron_vl": ("\n", "<SPECIAL_12>"),
-}
+# tiny recipe (one per family in conftest.FAMILIES) -> (what the template puts between an answer and its
+# end-of-turn token, that token), from the family's expectations row in family_expectations.EXPECTED
+CLOSING = {recipe: (EXPECTED[recipe]["sep"], EXPECTED[recipe]["end"]) for recipe in RECIPES}
 
 
 @pytest.fixture(scope="module", params=sorted(CLOSING))
@@ -38,7 +36,7 @@ def processor(family):
     from vlm_sweep.models.tiny import build_tiny_model
 
     model_dir = build_tiny_model(family, CACHE / "models" / f"tiny_{family}")
-    return AutoProcessor.from_pretrained(model_dir, **get_family(family).processor_kwargs)
+    return AutoProcessor.from_pretrained(model_dir, **get_family(FAMILY_OF[family]).processor_kwargs)
 
 
 def _image(i: int) -> Image.Image:

@@ -21,38 +21,11 @@ import transformers
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import FAMILIES, ROOT
+from conftest import ROOT
+from family_expectations import EXPECTED, FAMILY_OF, RECIPES
 from vlm_sweep.models.registry import component_of, family_for_model_type, get_family
 from vlm_sweep.models.tiny import MARKER, RECIPE_VERSION, build_tiny_model, known_recipes
 
-# Per tiny recipe: classes, the template's user and assistant headers, what it puts between an answer and the
-# end-of-turn token, image tokens per 64x64 image, a forward+backward time bound, and vision-path parameters
-# an image batch does not use (video-only).
-EXPECTED = {
-    "gemma3": dict(
-        model_cls="Gemma3ForConditionalGeneration", processor_cls="Gemma3Processor", tokenizer_cls="GemmaTokenizer",
-        user="<start_of_turn>user\n", header="<start_of_turn>model\n", sep="", end="<end_of_turn>",
-        image_tokens=16, step_s=0.2, video_only=(),
-    ),
-    "qwen2_5_vl": dict(
-        model_cls="Qwen2_5_VLForConditionalGeneration", processor_cls="Qwen2_5_VLProcessor",
-        tokenizer_cls="Qwen2Tokenizer", user="<|im_start|>user\n", header="<|im_start|>assistant\n", sep="",
-        end="<|im_end|>",
-        image_tokens=4,  # 64x64 -> smart_resize 56x56 -> 4x4 patches of 14 -> 2x2 after the 2x2 merge
-        step_s=0.2, video_only=(),
-    ),
-    "nemotron_vl": dict(
-        model_cls="NemotronH_Omni_Reasoning_V3", processor_cls="NemotronH_Omni_Reasoning_V3Processor",
-        tokenizer_cls="TokenizersBackend", user="<SPECIAL_11>User\n", header="<SPECIAL_11>Assistant\n<think>\n",
-        sep="\n", end="<SPECIAL_12>",
-        image_tokens=4,  # 64 px / 16 px patches -> 4x4 -> 2x2 after the pixel shuffle
-        step_s=0.5,  # Mamba2 on its PyTorch path
-        video_only=("vision_model.embeddings.video_patch_projection",),
-    ),
-}
-MODEL_YAMLS = {name: OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml") for name in FAMILIES}
-FAMILY_OF = {y.tiny_recipe: y.family for y in MODEL_YAMLS.values()}  # tiny recipe -> registry family
-RECIPES = sorted(FAMILY_OF)
 ANSWERS = ["<s_total>12</s_total>", "<s_menu><s_nm>ICE TEA</s_nm><s_cnt>2</s_cnt><sep/></s_menu>"]
 
 
@@ -193,8 +166,9 @@ def test_processor_batch_has_images_and_image_tokens(recipe: str, loaded: dict) 
         assert batch["image_grid_hw"].tolist() == [[4, 4]] * 2  # 64 px / 16 px patches
         assert batch["pixel_values"].shape == (2 * 16, 3 * 16 * 16)
     else:
-        assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
-        assert batch["pixel_values"].shape == (2 * 16, 3 * 2 * 14 * 14)
+        assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 2  # Qwen-style: (t, h, w) patches per image
+        ip = processor.image_processor  # 14 px patches in Qwen2.5-VL, 16 px in Qwen3-VL
+        assert batch["pixel_values"].shape == (2 * 16, 3 * ip.temporal_patch_size * ip.patch_size ** 2)
         assert "mm_token_type_ids" in batch
 
 

@@ -45,8 +45,13 @@ GEMMA3_30M_TEXT = {
     "sliding_window": 512,
     "layer_types": ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 2,
 }
+# Every Gemma 3 has this vocabulary; the tiny tokenizer's ids (~2k) all lie inside it. Size
+# '30m_vocab' (opt-in, --sizes 30m_vocab) is the 30M model with it: where the LM head is most of the
+# step, as for real Gemma 3 checkpoints, and where a loss that projects only labelled positions pays.
+GEMMA3_VOCAB = 262_144
 BUILD_MARKER = "bench_build.json"
 BUILD_VERSION = 1
+SIZES = ("tiny", "30m", "30m_vocab")
 
 
 def compose(overrides: Sequence[str] = ()) -> Any:
@@ -63,15 +68,16 @@ def compose(overrides: Sequence[str] = ()) -> Any:
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-def build_gemma3_30m(output_dir: Path) -> Path:
+def build_gemma3_30m(output_dir: Path, vocab_size: Optional[int] = None) -> Path:
     """A ~30M Gemma 3 built like tiny_gemma3 (same recipe, wider/deeper text config), once.
 
     models.tiny.gemma3.build has fixed sizes, so the config is widened here from the tiny build's own
     Gemma3Config and saved with its processor; the run then loads it through the normal path.
     Called by the parent process before it starts the workers that load it.
     """
+    text = {**GEMMA3_30M_TEXT, **({"vocab_size": vocab_size} if vocab_size else {})}
     marker = output_dir / BUILD_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("version") == BUILD_VERSION:
+    if marker.is_file() and json.loads(marker.read_text()) == {"version": BUILD_VERSION, "text": text}:
         return output_dir
     from transformers import AutoConfig, AutoProcessor, Gemma3Config, Gemma3ForConditionalGeneration, GenerationConfig
 
@@ -79,7 +85,7 @@ def build_gemma3_30m(output_dir: Path) -> Path:
 
     source = tiny.build_tiny_model("gemma3", CACHE / "models" / "tiny_gemma3")
     data = AutoConfig.from_pretrained(source).to_dict()
-    data["text_config"] = {**data["text_config"], **GEMMA3_30M_TEXT}
+    data["text_config"] = {**data["text_config"], **text}
     config = Gemma3Config.from_dict(data)
 
     def trained_projector(model: Any) -> None:  # as models.tiny.gemma3.build does
@@ -92,7 +98,7 @@ def build_gemma3_30m(output_dir: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         AutoProcessor.from_pretrained(source).save_pretrained(tmp)
-        (tmp / BUILD_MARKER).write_text(json.dumps({"version": BUILD_VERSION, "text": GEMMA3_30M_TEXT}))
+        (tmp / BUILD_MARKER).write_text(json.dumps({"version": BUILD_VERSION, "text": text}))
         if output_dir.exists():  # an older build (the parent builds before any worker reads it)
             shutil.rmtree(output_dir)
         os.rename(tmp, output_dir)
@@ -102,14 +108,15 @@ def build_gemma3_30m(output_dir: Path) -> Path:
 
 
 def size_overrides(size: str) -> List[str]:
-    """Config overrides that select a benchmark model size ('tiny' or '30m')."""
+    """Config overrides that select a benchmark model size (one of SIZES)."""
     if size == "tiny":
         return ["model=tiny_gemma3"]
-    if size == "30m":
-        path = build_gemma3_30m(CACHE / "models" / "bench_gemma3_30m")
-        return ["model=tiny_gemma3", "model.name=bench_gemma3_30m", f"model.pretrained_model_name_or_path={path}",
+    if size in ("30m", "30m_vocab"):
+        name = f"bench_gemma3_{size}"
+        path = build_gemma3_30m(CACHE / "models" / name, GEMMA3_VOCAB if size == "30m_vocab" else None)
+        return ["model=tiny_gemma3", f"model.name={name}", f"model.pretrained_model_name_or_path={path}",
                 "model.tiny_recipe=null"]
-    raise ValueError(f"unknown size {size!r} (tiny, 30m)")
+    raise ValueError(f"unknown size {size!r} ({', '.join(SIZES)})")
 
 
 def loop_config(size: str, max_steps: int, extra: Sequence[str] = ()) -> Any:

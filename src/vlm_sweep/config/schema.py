@@ -108,7 +108,7 @@ class DatasetConfig:
 class PeftConfig:
     """LoRA (via the peft library) or none."""
 
-    method: str = "none"  # a key of training.peft_methods.PEFT_METHODS: none | lora
+    method: str = "none"  # a key of training.peft_methods.PEFT_METHODS: none | lora | dora
     dim: int = 8
     alpha: int = 32
     dropout: float = 0.0

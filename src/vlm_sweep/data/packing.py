@@ -274,13 +274,14 @@ class PackedInputs:
              offsets: Dict[str, int]) -> torch.Tensor:
         """One conversation's (dims, length) positions, computed as if it were alone."""
         kwargs: Dict[str, Any] = {}
+        media = {k for layout in batch[PACK_LAYOUT] for _, row_counts in layout for k in row_counts}
         for key, value in batch.items():
             if key not in self.params or key == "position_ids":
                 continue
             if key in counts:
                 start = offsets.get(key, 0)
                 kwargs[key] = value[start:start + counts[key]]
-            elif torch.is_tensor(value) and value.dim() == 2:
+            elif key not in media and torch.is_tensor(value) and value.dim() == 2:  # a sequence (ids, token types)
                 kwargs[key] = value[row:row + 1, at:at + length]
         for key, count in counts.items():
             offsets[key] = offsets.get(key, 0) + count

@@ -9,8 +9,9 @@ Two things a conversation alone cannot tell a processor:
   ``min_pixels`` itself is deprecated), so that is what is sent. A processor that
   does not size by pixel count gets a config error instead of a silent no-op;
 * how video frames were sampled (``VideoFrames.metadata``), so a processor that
-  times frames (Qwen2.5-VL's ``second_per_grid_ts``) sees the real rate, not its
-  24 fps default.
+  times frames (Qwen2.5-VL's ``second_per_grid_ts``, Qwen3-VL's timestamps) sees the
+  real rate, not its 24 fps default; and that they were (``do_sample_frames=False``),
+  so a processor that samples frames by default does not sample them again.
 
 Used by the collator for training batches; generation should use it too so
 evaluation sees images at the same size as training.
@@ -72,6 +73,9 @@ class MediaKwargs:
         videos_kwargs = dict(self.videos_kwargs)
         if videos:
             videos_kwargs["video_metadata"] = [video_metadata(video) for video in videos]
+            # The frames are already sampled (dataset.num_frames / fps): a processor that samples by default
+            # (Qwen3-VL's) would index them with the source video's frame numbers from the metadata.
+            videos_kwargs["do_sample_frames"] = False
         if videos_kwargs:
             out["videos_kwargs"] = videos_kwargs
         return out

@@ -85,6 +85,17 @@ def matched_fields(prediction: Any, reference: Any) -> tuple[int, int]:
     return right, right + len(expected)
 
 
+def verdict(prediction: Any, reference: Any) -> str:
+    """``3 of 5 fields right`` for structured answers (receipts); ``right``/``wrong`` for a plain answer,
+    compared case- and space-insensitively with it or with any of the accepted answers (a list)."""
+    if isinstance(reference, dict):
+        right, expected = matched_fields(prediction, reference)
+        return f"{right} of {expected} fields right"
+    normal = lambda value: " ".join(str(value).lower().split())  # noqa: E731
+    accepted = reference if isinstance(reference, list) else [reference]
+    return "right" if normal(prediction) in {normal(a) for a in accepted} else "wrong"
+
+
 def _compact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
@@ -146,8 +157,7 @@ def format_examples(examples: Sequence[Example], predictions_path: Optional[str 
     count = f"{len(examples)} of {total}" if total is not None else str(len(examples))
     lines = [f"Example predictions ({count} records):"]
     for example in examples:
-        right, expected = matched_fields(example.prediction, example.reference)
-        lines += ["", f"{example.record_id}: {right} of {expected} fields right",
+        lines += ["", f"{example.record_id}: {verdict(example.prediction, example.reference)}",
                   f"    image: {example.image_path if example.image_path else '(no image)'}",
                   *_paired_lines(example.reference, example.prediction)]
     if predictions_path is not None:

@@ -35,7 +35,7 @@ def evaluate_samples(model: Any, processor: Any, samples: Sequence[Any], record_
                            media_kwargs=media_kwargs)
         for sample, answer in zip(batch, answers):
             rows.append({"record_id": sample.record_id, "prediction": answer,
-                         "reference": assistant_texts(sample.conversation)[-1]})
+                         "reference": reference(sample.conversation)})
     if world_size > 1:
         from accelerate.utils import gather_object
 
@@ -43,6 +43,13 @@ def evaluate_samples(model: Any, processor: Any, samples: Sequence[Any], record_
     rows.sort(key=lambda r: r["record_id"])
     metrics = get_spec(record_format).metric([r["prediction"] for r in rows], [r["reference"] for r in rows])
     return metrics, rows
+
+
+def reference(conversation: Any) -> Any:
+    """What the metric compares a prediction with: the last answer's text, or the list of every
+    accepted answer when the data set puts one in that turn's ``references`` (DocVQA's ANLS)."""
+    last = [turn for turn in conversation if turn["role"] == "assistant"][-1]
+    return last.get("references") or assistant_texts(conversation)[-1]
 
 
 def load_eval_samples(dataset_cfg: Any, max_samples: Optional[int]) -> List[Any]:

@@ -15,28 +15,14 @@ divides ints by zero there and raises).
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import zss
 
 from vlm_sweep.donut import token2json
+from vlm_sweep.metrics.edit_distance import edit_distance
 
 LEAF = "<leaf>"
-
-
-@lru_cache(maxsize=1 << 16)  # zss asks for the same label pairs many times
-def _edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (unit costs, no transpositions), as ``nltk.edit_distance``."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
 
 
 def flatten(data: Any) -> list[tuple[str, Any]]:
@@ -108,7 +94,7 @@ def _update_cost(node1: zss.Node, node2: zss.Node) -> int:
     label1, label2 = node1.label, node2.label
     leaf1, leaf2 = LEAF in label1, LEAF in label2
     if leaf1 and leaf2:
-        return _edit_distance(label1.replace(LEAF, ""), label2.replace(LEAF, ""))
+        return edit_distance(label1.replace(LEAF, ""), label2.replace(LEAF, ""))
     if leaf2:
         return 1 + len(label2.replace(LEAF, ""))
     if leaf1:

@@ -3,6 +3,8 @@
 * Free text is compared after SQuAD's normalisation (lower case, punctuation and
   the articles a/an/the removed, whitespace collapsed): ``exact_match`` and the
   token-overlap ``token_f1`` (both 0..1 per sample, averaged).
+* ``anls`` (DocVQA's official metric, Biten et al. 2019): 1 - normalised edit distance to
+  the closest accepted answer, 0 from distance 0.5 on; for sets that list several answers.
 * A multiple-choice reference is an option letter, alone or leading its text
   (``"B"``, ``"(B)"``, ``"B."``, ``"B. the red one"``, ``"Answer: B"``); the
   prediction scores when the letter it gives is the same. A reference that is not
@@ -14,7 +16,9 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from vlm_sweep.metrics.edit_distance import edit_distance
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = set(string.punctuation)
@@ -107,3 +111,26 @@ def choice_scores(predictions: List[str], references: List[str]) -> Dict[str, fl
         scores["open_exact_match"] = _mean([exact_match(p, r) for p, r in free])
         scores["open_token_f1"] = _mean([token_f1(p, r) for p, r in free])
     return scores
+
+
+# ANLS's threshold: a normalised edit distance at or above it scores 0.
+ANLS_THRESHOLD = 0.5
+
+
+def anls_one(prediction: str, references: Union[str, Sequence[str]]) -> float:
+    """Best similarity over the accepted answers: 1 - normalised edit distance, 0 at or above the
+    threshold; compared lower-cased with surrounding and repeated spaces removed, as the official script."""
+    pred = " ".join(prediction.lower().split())
+    best = 0.0
+    for reference in [references] if isinstance(references, str) else references:
+        ref = " ".join(reference.lower().split())
+        distance = edit_distance(pred, ref) / max(len(pred), len(ref), 1)
+        best = max(best, 1.0 - distance if distance < ANLS_THRESHOLD else 0.0)
+    return best
+
+
+def anls(predictions: List[str], references: List[Any]) -> Dict[str, float]:
+    """``anls`` averaged over samples; each reference is one answer or the list of accepted answers."""
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} samples (need >= 1)")
+    return {"anls": sum(anls_one(p, r) for p, r in zip(predictions, references)) / len(predictions)}

@@ -130,6 +130,24 @@ MODEL_FAMILIES: Dict[str, ModelFamily] = {
         # mRoPE (temporal, height, width) ids depend on where each image/video sits in its conversation.
         packed_rope_index="model.get_rope_index",
     ),
+    # Qwen3-VL: like Qwen2.5-VL, plus DeepStack mergers (model.visual.deepstack_merger_list) that project
+    # early ViT blocks' features into the first decoder layers: projectors, like the final merger.
+    "qwen3_vl": ModelFamily(
+        auto_model_class="AutoModelForImageTextToText",
+        processor_class="Qwen3VLProcessor",
+        model_types=("qwen3_vl",),
+        components={
+            "embeddings": ("model.language_model.embed_tokens",),
+            "lm_head": ("lm_head",),
+            "vision_projection": ("model.visual.merger", "model.visual.deepstack_merger_list"),
+            "vision_tower": ("model.visual",),
+            "audio_tower": (),
+            "language_model": ("model.language_model",),
+        },
+        supports_video=True,
+        # Interleaved mRoPE (temporal, height, width) ids depend on where each image/video sits in its conversation.
+        packed_rope_index="model.get_rope_index",
+    ),
     # Nemotron Nano VL in transformers' native classes (model_type nemotron_h_omni): RADIO vision
     # model, pixel shuffle + MLP projector, hybrid Mamba2/attention/MoE Nemotron-H LM. No "model."
     # wrapper: the parts hang off the top-level module. Omni checkpoints (Nemotron 3 Nano Omni) add a

@@ -76,12 +76,10 @@ def fully_trained_modules(family: ModelFamily, freeze_cfg: Any, targets: List[st
     return paths
 
 
-def apply_lora(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any = None) -> Any:
-    """Wrap the model in a PeftModel with LoRA on the selected modules and expert parameters.
-
-    peft gives each targeted expert tensor one low-rank pair per expert (rank ``dim`` each).
-    """
-    from peft import LoraConfig, get_peft_model
+def lora_config(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any = None, **extra: Any) -> Any:
+    """The ``peft.LoraConfig`` for the selected modules and expert parameters; ``extra`` are the
+    LoraConfig keys a variant adds (DoRA: ``use_dora=True``), so every variant targets alike."""
+    from peft import LoraConfig
 
     targets = select_lora_targets(model, family, peft_cfg)
     parameters = select_lora_parameters(model, family, peft_cfg)
@@ -89,7 +87,7 @@ def apply_lora(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any =
         raise LoraTargetError(
             f"config error: peft.dropout={peft_cfg.dropout} but LoRA on fused expert weights ({parameters[0]}) "
             f"takes no dropout in peft; set peft.dropout=0 or add '*experts*' to peft.exclude_modules")
-    config = LoraConfig(
+    return LoraConfig(
         r=peft_cfg.dim,
         lora_alpha=peft_cfg.alpha,
         lora_dropout=peft_cfg.dropout,
@@ -97,5 +95,32 @@ def apply_lora(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any =
         target_parameters=parameters or None,
         modules_to_save=fully_trained_modules(family, freeze_cfg, targets + parameters) or None,
         bias="none",
+        **extra,
     )
-    return get_peft_model(model, config)
+
+
+def apply_lora(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any = None) -> Any:
+    """Wrap the model in a PeftModel with LoRA on the selected modules and expert parameters.
+
+    peft gives each targeted expert tensor one low-rank pair per expert (rank ``dim`` each).
+    """
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(model, family, peft_cfg, freeze_cfg))
+
+
+def apply_dora(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any = None) -> Any:
+    """DoRA (weight-decomposed LoRA, peft's ``use_dora``): LoRA's targets, plus a trained magnitude
+    per output row (``lora_magnitude_vector``); often closer to full fine-tuning at LoRA's rank.
+
+    peft has no DoRA for fused expert parameters, so a family with them must exclude '*experts*'.
+    """
+    from peft import get_peft_model
+
+    parameters = select_lora_parameters(model, family, peft_cfg)
+    if parameters:
+        excluded = ",".join(f"'{p}'" for p in [*peft_cfg.exclude_modules, "*experts*"])
+        raise LoraTargetError(
+            f"config error: peft.method=dora cannot adapt fused expert weights ({parameters[0]}; peft has no "
+            f"DoRA for them): leave them out with \"peft.exclude_modules=[{excluded}]\" or use peft=lora")
+    return get_peft_model(model, lora_config(model, family, peft_cfg, freeze_cfg, use_dora=True))

@@ -6,9 +6,10 @@ fp32 costs ~2 GiB per 2k-token sample before the backward. Here the model is ask
 the labelled positions only (transformers' ``logits_to_keep`` with a boolean mask, which
 hands the LM head a ``(num_labelled, hidden)`` tensor), and for the duration of the call
 the LM head turns those rows into the summed cross-entropy itself: chunk by chunk, each
-chunk's projection + fp32 cross-entropy under activation checkpointing, so no
-``(num_labelled, vocab)`` logits tensor ever exists, in the forward or the backward, and
-the head's weight is still used inside the model's forward (DDP and FSDP see it there).
+chunk projected once with its gradients taken at once (``training/linear_ce.py``; a wrapped
+head is checkpointed per chunk instead), so no ``(num_labelled, vocab)`` logits tensor ever
+exists, in the forward or the backward, and the head's weight is still used inside the
+model's forward (DDP and FSDP see it there).
 The result equals the sum of per-token cross-entropies over labelled positions (what the
 trainer normalises by label tokens).
 
@@ -30,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlm_sweep.data.packing import NON_MODEL_KEYS as PACKING_KEYS
 from vlm_sweep.data.packing import model_inputs
+from vlm_sweep.training.linear_ce import linear_cross_entropy_sum
 
 IGNORE_INDEX = -100
 NON_MODEL_KEYS = ("labels", "num_skipped", "record_ids", *PACKING_KEYS)
@@ -123,7 +125,11 @@ def _head_returns_loss(head: nn.Module, targets: torch.Tensor, chunk_rows: Optio
         if rows.shape[0] != targets.numel():
             raise RuntimeError(f"the LM head got {rows.shape[0]} rows for {targets.numel()} labelled positions; "
                                "the model ignored logits_to_keep")
-        returned.append(_chunked_sum(rows, targets, project, chunk_rows, small_logits_bytes))
+        if type(head) is nn.Linear:  # each chunk projected once, its gradients taken right away
+            rows_per_chunk = chunk_rows or max(1, CHUNK_BYTES // (head.out_features * 4))
+            returned.append(linear_cross_entropy_sum(rows, head.weight, head.bias, targets, rows_per_chunk))
+        else:  # a wrapped head (LoRA on it, quantised): its own forward, checkpointed per chunk
+            returned.append(_chunked_sum(rows, targets, project, chunk_rows, small_logits_bytes))
         return returned[-1]
 
     head.forward = loss_forward

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict
 
 from vlm_sweep.models.registry import ModelFamily
-from vlm_sweep.training.lora import apply_lora
+from vlm_sweep.training.lora import apply_dora, apply_lora
 
 # (model, family, peft config, freeze config) -> the model to train (wrapped or not).
 ApplyPeft = Callable[[Any, ModelFamily, Any, Any], Any]
@@ -24,6 +24,7 @@ def full_finetuning(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: 
 PEFT_METHODS: Dict[str, ApplyPeft] = {
     "none": full_finetuning,
     "lora": apply_lora,
+    "dora": apply_dora,
 }
 
 

@@ -4,8 +4,9 @@ A ``DatasetSpec`` bundles everything keyed by a data set's name (``dataset.forma
 record becomes a conversation, which source rows are unusable by design, the task metric
 and the names it reports, and a writer of a tiny offline copy in the source's own schema.
 
-Adding a data set touches three files: ``sets/<name>.py`` (defining ``SPEC`` with
-``name=<name>``), ``conf/dataset/<name>.yaml`` and one test row. Modules are discovered with
+Adding a data set touches at most three files: ``sets/<name>.py`` (defining ``SPEC`` with
+``name=<name>``), ``conf/dataset/<name>.yaml`` and optionally a test of what is special about
+it (README: "Adding a model family, a data set or a PEFT method"). Modules are discovered with
 ``pkgutil``, so no table elsewhere needs the new name.
 """
 

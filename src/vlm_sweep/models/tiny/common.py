@@ -33,7 +33,7 @@ MARKER = "tiny_build.json"  # written last: its presence means the directory is 
 # model's logits are too flat for LoRA (embeddings frozen) to learn anything in a demo's steps.
 EMBED_STD = 0.25
 RECIPE_VERSION = 4  # bump when a recipe's output changes: older builds are then rebuilt
-_NOT_RECIPES = {"common"}  # modules of this package that are not builders
+_NOT_RECIPES = {"common", "qwen_tokenizer"}  # modules of this package that are not builders
 
 # ---------------------------------------------------------------------------------------------------- corpus
 _WORDS = (

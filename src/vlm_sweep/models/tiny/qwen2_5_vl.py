@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     GenerationConfig,
     Qwen2_5_VLConfig,
@@ -19,9 +18,9 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
 )
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN_PRETOKENIZE_REGEX
 
-from vlm_sweep.models.tiny.common import init_model, pretrained_like_embeddings, save, train_bpe
+from vlm_sweep.models.tiny.common import init_model, pretrained_like_embeddings, save
+from vlm_sweep.models.tiny.qwen_tokenizer import QWEN2_PLAIN_ADDED, QWEN_SPECIALS, qwen_tokenizer
 
 # Qwen2.5-VL's template (Qwen/Qwen2.5-VL-*-Instruct), verbatim.
 QWEN2_5_VL_CHAT_TEMPLATE = (
@@ -38,39 +37,9 @@ QWEN2_5_VL_CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-QWEN_PLAIN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-                    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]  # added but not special, as in Qwen2.5
-
-
 def tokenizer() -> Qwen2Tokenizer:
-    """Byte-level BPE trained with exactly the pipeline ``Qwen2Tokenizer`` rebuilds on load (NFC + Qwen regex)."""
-    trainer_tok = Tokenizer(models.BPE())
-    trainer_tok.normalizer = normalizers.NFC()
-    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    learned, merges = train_bpe(trainer_tok, vocab_size=2000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    # Added tokens follow the learned vocab in Qwen's order (<|endoftext|> = first id after the BPE vocab).
-    tokens = [t for t, _ in sorted(learned.items(), key=lambda kv: kv[1])] + QWEN_SPECIALS + QWEN_PLAIN_ADDED
-    tok = Qwen2Tokenizer(
-        vocab={t: i for i, t in enumerate(tokens)},
-        merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        errors="replace",
-        model_max_length=131072,  # as in Qwen2.5-VL
-        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
-        extra_special_tokens=QWEN_SPECIALS[1:],
-    )
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS], special_tokens=True)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_PLAIN_ADDED])
-    return tok
+    """Qwen's byte-level BPE with Qwen2.5-VL's template and added tokens."""
+    return qwen_tokenizer(QWEN2_5_VL_CHAT_TEMPLATE, QWEN2_PLAIN_ADDED, model_max_length=131072)
 
 
 def build(output_dir: Path) -> None:
