@@ -180,3 +180,22 @@ def test_no_generic_module_names_a_model_family():
         offenders += [f"{rel}:{node.lineno}: {node.id}" for node in ast.walk(tree)
                       if isinstance(node, ast.Name) and FAMILY_WORDS.search(node.id)]
     assert not offenders, "generic modules naming a model family:\n" + "\n".join(offenders)
+
+
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_source_file_or_function_is_too_long_to_read():
+    """Files over 400 lines and functions over 80 ask to be split (the house style; issue 11)."""
+    too_long = []
+    for name, path in _modules().items():
+        text = path.read_text()
+        if text.count("\n") > MAX_FILE_LINES:
+            too_long.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}.{node.name}: {length} lines")
+    assert not too_long, too_long
