@@ -142,3 +142,15 @@ def test_shortened_demo_reads_held_out_receipts_better_than_the_base_model(tmp_p
     with Image.open(examples[0].image_path) as image:
         assert image.size == (160, 160)
     assert all(isinstance(e.reference, dict) and "menu" in e.reference for e in examples)
+
+
+def test_a_plain_answer_is_right_or_wrong_and_a_rambling_one_is_cut_short():
+    """VQA answers are not receipts: no "0 of 1 fields right", and 2,000 characters of an untrained model's
+    output do not flood the console (predictions.jsonl keeps them)."""
+    from vlm_sweep.inference.examples import Example, format_examples
+
+    examples = [Example("docvqa/heldout[0]", None, ["woman", "WOMAN"], "Woman"),
+                Example("docvqa/heldout[1]", None, ["dog"], "x" * 2000)]
+    text = format_examples(examples)
+    assert "docvqa/heldout[0]: right" in text and "docvqa/heldout[1]: wrong" in text and "fields" not in text
+    assert "... (2,002 characters)" in text and "x" * 400 not in text

@@ -96,8 +96,12 @@ def verdict(prediction: Any, reference: Any) -> str:
     return "right" if normal(prediction) in {normal(a) for a in accepted} else "wrong"
 
 
+SHOWN_CHARS = 300  # an untrained model can ramble for max_new_tokens: the file has the whole answer
+
+
 def _compact(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text):,} characters)"
 
 
 def _records(value: Any) -> Optional[List[Any]]:
