@@ -43,9 +43,12 @@ def to_parquet(rows: Dict[str, list], features: object, path: Path) -> None:
     Dataset.from_dict(rows, features=features).to_parquet(str(path))
 
 
-def readme(configs: str) -> str:
-    """A dataset card whose YAML ``configs`` make ``load_dataset(dir, name=..., split=...)`` work."""
-    return f"---\nconfigs:\n{configs}---\n# Offline fixture written by vlm_sweep.data.fixtures\n"
+def write_card(root: Path, config_name: str, data_files: Dict[str, str]) -> None:
+    """``root/README.md``, a dataset card whose YAML config makes ``load_dataset(root, name=config_name,
+    split=...)`` work; ``data_files``: split -> path glob under ``root``, as the hub repo lays them out."""
+    files = "".join(f"  - split: {split}\n    path: {path}\n" for split, path in data_files.items())
+    (root / "README.md").write_text(f"---\nconfigs:\n- config_name: {config_name}\n  data_files:\n{files}---\n"
+                                    "# Offline fixture written by vlm_sweep.data.fixtures\n")
 
 
 def video_encoder() -> str:

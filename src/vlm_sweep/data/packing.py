@@ -37,7 +37,7 @@ Validation batches are packed the same way; ``Trainer`` applies ``PackedInputs``
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 import torch
 
@@ -259,10 +259,11 @@ class PackedInputs:
         text = batch["position_ids"]
         rows = []
         offsets: Dict[str, int] = {}
+        media = {k for layout in batch[PACK_LAYOUT] for _, row_counts in layout for k in row_counts}
         for r, layout in enumerate(batch[PACK_LAYOUT]):
             at, parts = 0, []
             for length, counts in layout:
-                parts.append(self._one(batch, r, at, length, counts, offsets))
+                parts.append(self._one(batch, r, at, length, counts, offsets, media))
                 at += length
             if at < text.shape[1]:  # padding: plain positions in every dimension
                 parts.append(text[r, at:].to(parts[0].dtype).expand(parts[0].shape[0], -1))
@@ -271,10 +272,10 @@ class PackedInputs:
         return torch.cat([text[None].to(rope.dtype), rope], dim=0)
 
     def _one(self, batch: Dict[str, Any], row: int, at: int, length: int, counts: Dict[str, int],
-             offsets: Dict[str, int]) -> torch.Tensor:
-        """One conversation's (dims, length) positions, computed as if it were alone."""
+             offsets: Dict[str, int], media: Set[str]) -> torch.Tensor:
+        """One conversation's (dims, length) positions, computed as if it were alone; ``media``: the keys the
+        pack layout counts per conversation (never sliced as token sequences)."""
         kwargs: Dict[str, Any] = {}
-        media = {k for layout in batch[PACK_LAYOUT] for _, row_counts in layout for k in row_counts}
         for key, value in batch.items():
             if key not in self.params or key == "position_ids":
                 continue

@@ -91,9 +91,10 @@ def verdict(prediction: Any, reference: Any) -> str:
     if isinstance(reference, dict):
         right, expected = matched_fields(prediction, reference)
         return f"{right} of {expected} fields right"
-    normal = lambda value: " ".join(str(value).lower().split())  # noqa: E731
-    accepted = reference if isinstance(reference, list) else [reference]
-    return "right" if normal(prediction) in {normal(a) for a in accepted} else "wrong"
+    from vlm_sweep.metrics.vqa import anls_one
+
+    accepted = [str(a) for a in (reference if isinstance(reference, list) else [reference])]
+    return "right" if anls_one(str(prediction), accepted) == 1.0 else "wrong"
 
 
 SHOWN_CHARS = 300  # an untrained model can ramble for max_new_tokens: the file has the whole answer

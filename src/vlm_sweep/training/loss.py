@@ -62,7 +62,7 @@ def _chunked_sum(rows: torch.Tensor, targets: torch.Tensor, to_logits: Callable[
     vocab = _out_features(to_logits, rows)
     if targets.numel() * vocab * 4 <= small_logits_bytes:
         return chunk_loss(rows, targets)
-    chunk_rows = chunk_rows or max(1, CHUNK_BYTES // (vocab * 4))
+    chunk_rows = _rows_per_chunk(vocab, chunk_rows)
     total = rows.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_rows):
         part = slice(start, start + chunk_rows)
@@ -71,6 +71,11 @@ def _chunked_sum(rows: torch.Tensor, targets: torch.Tensor, to_logits: Callable[
         else:
             total = total + chunk_loss(rows[part], targets[part])
     return total
+
+
+def _rows_per_chunk(vocab: int, chunk_rows: Optional[int]) -> int:
+    """``chunk_rows`` if given, else as many rows as fit ``CHUNK_BYTES`` of fp32 logits."""
+    return chunk_rows or max(1, CHUNK_BYTES // (vocab * 4))
 
 
 def _out_features(to_logits: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> int:
@@ -126,8 +131,8 @@ def _head_returns_loss(head: nn.Module, targets: torch.Tensor, chunk_rows: Optio
             raise RuntimeError(f"the LM head got {rows.shape[0]} rows for {targets.numel()} labelled positions; "
                                "the model ignored logits_to_keep")
         if type(head) is nn.Linear:  # each chunk projected once, its gradients taken right away
-            rows_per_chunk = chunk_rows or max(1, CHUNK_BYTES // (head.out_features * 4))
-            returned.append(linear_cross_entropy_sum(rows, head.weight, head.bias, targets, rows_per_chunk))
+            returned.append(linear_cross_entropy_sum(rows, head.weight, head.bias, targets,
+                                                     _rows_per_chunk(head.out_features, chunk_rows)))
         else:  # a wrapped head (LoRA on it, quantised): its own forward, checkpointed per chunk
             returned.append(_chunked_sum(rows, targets, project, chunk_rows, small_logits_bytes))
         return returned[-1]

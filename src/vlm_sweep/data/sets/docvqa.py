@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Any, Dict
 
-from vlm_sweep.data.fixture_parts import WORDS, png, readme, to_parquet
+from vlm_sweep.data.fixture_parts import WORDS, png, to_parquet, write_card
 from vlm_sweep.data.formats import Conversation, text_part, text_value, turn
 from vlm_sweep.data.sets import DatasetSpec
 from vlm_sweep.metrics.vqa import anls
@@ -64,9 +64,7 @@ def write_fixture(root: str | Path, num_validation: int = 16, num_test: int = 4,
         rows = [_row(rng, i, split) for i in range(count)]
         to_parquet({name: [row[name] for row in rows] for name in features}, features,
                    root / "DocVQA" / f"{split}-00000-of-00001.parquet")
-    (root / "README.md").write_text(readme(
-        "- config_name: DocVQA\n  data_files:\n  - split: validation\n    path: DocVQA/validation-*\n"
-        "  - split: test\n    path: DocVQA/test-*\n"))
+    write_card(root, "DocVQA", {"validation": "DocVQA/validation-*", "test": "DocVQA/test-*"})
     return root
 
 

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List
 
-from vlm_sweep.data.fixture_parts import phrase, readme, write_video
+from vlm_sweep.data.fixture_parts import phrase, write_card, write_video
 from vlm_sweep.data.formats import Conversation, load_video, resolve_media, text_part, text_value, turn
 from vlm_sweep.data.sets import DatasetSpec
 from vlm_sweep.metrics.vqa import choice_scores
@@ -80,10 +80,7 @@ def write_fixture(root: str | Path, num_videos: int = 4, num_frames: int = 16, s
             {"from": "gpt", "value": f"{letter}."}]})
     (subset / f"{SUBSET}_oe_qa_processed.json").write_text(json.dumps(open_ended, indent=1))
     (subset / f"{SUBSET}_mc_qa_processed.json").write_text(json.dumps(multi_choice, indent=1))
-    (root / "README.md").write_text(readme(
-        f"- config_name: {SUBSET}\n  data_files:\n"
-        f"  - split: open_ended\n    path: {SUBSET}/*oe*.json\n"
-        f"  - split: multi_choice\n    path: {SUBSET}/*mc*.json\n"))
+    write_card(root, SUBSET, {"open_ended": f"{SUBSET}/*oe*.json", "multi_choice": f"{SUBSET}/*mc*.json"})
     return root
 
 

@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 from typing import Any, Dict, List
 
-from vlm_sweep.data.fixture_parts import png, readme, to_parquet
+from vlm_sweep.data.fixture_parts import png, to_parquet, write_card
 from vlm_sweep.data.formats import Conversation, text_part, text_value, turn
 from vlm_sweep.data.sets import DatasetSpec, RowFilter
 from vlm_sweep.metrics.vqa import choice_scores
@@ -78,8 +78,7 @@ def write_fixture(root: str | Path, num_rows: int = 24, seed: int = 0) -> Path:
     texts += [[{"user": "Which figure?", "assistant": "Answer: A", "source": "raven"}], [],
               [{"user": "Which figure?", "assistant": "", "source": "raven"}]]
     to_parquet({"images": images, "texts": texts}, features, root / "raven" / "train-00000-of-00001.parquet")
-    (root / "README.md").write_text(readme(
-        "- config_name: raven\n  data_files:\n  - split: train\n    path: raven/train-*\n"))
+    write_card(root, "raven", {"train": "raven/train-*"})
     return root
 
 
