@@ -134,6 +134,41 @@ def test_known_noise_is_filtered_and_other_warnings_are_not(monkeypatch):
     assert [str(w.message) for w in seen] == ["`something_else` is deprecated", "a real problem"]
 
 
+def test_known_third_party_log_noise_is_dropped_and_the_rest_kept(monkeypatch):
+    import torch
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    monkeypatch.setattr(console, "_silenced", False)
+    console.silence_known_noise(tty=True)
+    console.silence_known_noise(tty=True)  # idempotent: one filter per logger
+    config_log = logging.getLogger("transformers.configuration_utils")
+    kernels_log = logging.getLogger("transformers.integrations.hub_kernels")
+    assert len(config_log.filters) == len(kernels_log.filters) == 1
+    seen = Collect()
+    for logger in (config_log, kernels_log):
+        logger.addHandler(seen)
+    try:
+        config_log.warning("`torch_dtype` is deprecated! Use `dtype` instead!")
+        config_log.warning("a config problem")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        kernels_log.warning("`causal_conv1d_fn` is falling back to its reference PyTorch implementation because "
+                            "`causal_conv1d` is not installed.")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on a GPU the hint is actionable
+        kernels_log.warning("`mamba_chunk_scan_combined` is falling back to its reference PyTorch implementation")
+    finally:
+        for logger in (config_log, kernels_log):
+            logger.removeHandler(seen)
+    assert seen.messages == ["a config problem",
+                             "`mamba_chunk_scan_combined` is falling back to its reference PyTorch implementation"]
+
+
 def test_summary_lists_eval_metrics():
     result = SimpleNamespace(status="FINISHED", step=3, first_loss=2.0, final_loss=1.0, val_loss=0.9,
                              run_dir="/r", checkpoint=None, mlflow_run_id=None, mlflow_uri=None,

@@ -365,3 +365,53 @@ def test_packed_training_trains_like_unpacked_and_resumes_bitwise(config, tmp_pa
     a, b = trained_weights(packed_dir / "checkpoints" / "step_4"), trained_weights(resumed_dir / "checkpoints" / "step_4")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ bitwise"
     assert [r["loss"] for r in _rows(resumed_dir)] == [r["loss"] for r in packed_rows[2:]]
+
+
+# Each seed guide's experiment, on its data set's fixture (hub schema) and its tiny twin.
+SEED_EXPERIMENTS = [("gemma3_4b_cord_v2", "tiny_gemma3", "cord_v2"), ("gemma3_4b_medpix", "tiny_gemma3", "medpix_vqa"),
+                    ("qwen2_5_vl_3b_cord_v2", "tiny_qwen2_5_vl", "cord_v2"),
+                    ("nemotron_nano_v2_vl_raven", "tiny_nemotron_vl", "raven"),
+                    ("nemotron_nano_v2_vl_video", "tiny_nemotron_vl", "llava_video_178k"),
+                    ("nemotron_omni_cord_v2", "tiny_nemotron_vl", "cord_v2")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment,model,dataset", SEED_EXPERIMENTS, ids=[e for e, _, _ in SEED_EXPERIMENTS])
+def test_packing_efficiency_on_each_seed_data_set(experiment, model, dataset, tmp_path):
+    """At the experiment's settings (max_length, global batch), packing=true with rows of max_length tokens and
+    each rank's share of an optimizer step in one micro-batch: >= 95% of processed tokens are real, never less
+    than padding the same micro-batches, and every conversation is trained whole."""
+    from vlm_sweep.data.datasets import build_datasets
+    from vlm_sweep.data.packing import PACK_LAYOUT, processed_tokens, real_tokens
+    from vlm_sweep.data.sampler import ShardedIndexSampler
+    from vlm_sweep.data.sets import get_spec
+
+    path = get_spec(dataset).write_fixture(tmp_path / dataset)
+    base = compose([f"experiment={experiment}"])
+    step = base.step_scheduler.global_batch_size
+    cfg = compose([f"experiment={experiment}", f"model={model}", f"dataset.path={path}", "dataset.packing=true",
+                   f"dataset.pack_length={base.dataset.max_length}", f"step_scheduler.micro_batch_size={step}"])
+    assert cfg.dataset.max_length == base.dataset.max_length
+    train = build_datasets(cfg.dataset)["train"]
+    order = ShardedIndexSampler(len(train), seed=cfg.seed, lengths=train.length_hints(), batch_size=step).epoch_order(0)
+    processor = tiny_processor(cfg.model.tiny_recipe)
+    packed = VLMCollator.for_dataset(processor, cfg.dataset)
+    plain = VLMCollator.for_dataset(processor, compose([f"experiment={experiment}", f"model={model}",
+                                                       f"dataset.path={path}"]).dataset)
+    plain.cache = packed.cache  # encode each record once
+    totals = {"packed": [0, 0], "plain": [0, 0]}
+    conversations = rows = 0
+    for start in range(0, len(order), step):
+        samples = [train[i] for i in order[start:start + step]]
+        batch = packed(samples)
+        rows += len(batch[PACK_LAYOUT])
+        conversations += len(samples)
+        for name, b in (("packed", batch), ("plain", plain(samples))):
+            totals[name][0] += real_tokens(b)
+            totals[name][1] += processed_tokens(b)
+    assert totals["packed"][0] == totals["plain"][0] > 0  # the same conversations, whole
+    packed_eff, plain_eff = (real / processed for real, processed in totals.values())
+    print(f"{experiment} on the {dataset} fixture: {conversations} conversations in {rows} rows, "
+          f"packed {packed_eff:.3f} vs padded {plain_eff:.3f}")
+    assert rows < conversations  # conversations did share rows
+    assert packed_eff >= 0.95 and packed_eff >= plain_eff, (packed_eff, plain_eff)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, TextIO
@@ -26,6 +27,14 @@ KNOWN_NOISY_WARNINGS = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
     # torchdata's StatefulDataLoader calls a deprecated torch API on every iterator.
     (UserWarning, r"'set_vital' is deprecated"),
+)
+# (logger, message regex, when): third-party log records that say nothing actionable ("always", or
+# "without_cuda": a CUDA kernel package suggested on a machine that cannot run it).
+KNOWN_NOISY_LOG_RECORDS = (
+    # transformers' own model code (Nemotron-H Omni) reads its deprecated config property.
+    ("transformers.configuration_utils", r"`torch_dtype` is deprecated", "always"),
+    # "install mamba_ssm / causal_conv1d": CUDA-only packages; said once per kernel.
+    ("transformers.integrations.hub_kernels", r"falling back to its reference PyTorch implementation", "without_cuda"),
 )
 # Loggers that announce routine work at INFO (e.g. "Creating initial MLflow database tables...").
 KNOWN_CHATTY_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
@@ -69,6 +78,10 @@ def silence_known_noise(tty: Optional[bool] = None) -> None:
     _silenced = True
     for category, message in KNOWN_NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for logger_name, message, when in KNOWN_NOISY_LOG_RECORDS:
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, _DropRecords) and f.pattern.pattern == message for f in logger.filters):
+            logger.addFilter(_DropRecords(message, when))
     quiet_chatty_loggers()
     _disable_bars("datasets", "HF_DATASETS_DISABLE_PROGRESS_BARS", lambda m: m.disable_progress_bars())
     if not (is_tty() if tty is None else tty):
@@ -76,6 +89,23 @@ def silence_known_noise(tty: Optional[bool] = None) -> None:
         _disable_bars("huggingface_hub", "HF_HUB_DISABLE_PROGRESS_BARS", lambda m: m.utils.disable_progress_bars())
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+class _DropRecords(logging.Filter):
+    """Drops a logger's records whose message matches (set on the logger that emits them)."""
+
+    def __init__(self, message: str, when: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(message)
+        self.when = when
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.pattern.search(record.getMessage()):
+            return True
+        if self.when == "without_cuda":
+            torch = sys.modules.get("torch")
+            return bool(torch is not None and torch.cuda.is_available())
+        return False
 
 
 def process_rank() -> int:
