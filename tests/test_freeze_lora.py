@@ -164,3 +164,26 @@ def test_component_order_is_most_specific_first():
     qwen = get_family("qwen2_5_vl")
     assert component_of(qwen, "base_model.model.model.visual.merger.mlp.0.weight") == "vision_projection"
     assert component_of(qwen, "model.visual.blocks.0.attn.qkv.weight") == "vision_tower"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=tiny_nemotron_vl", "peft=dora"], r"peft\.method=dora cannot adapt fused expert weights"),
+    (["model=tiny_nemotron_vl", "peft=lora_all", "peft.dropout=0.1"], r"takes no dropout in peft"),
+    (["model=tiny_gemma3", "peft=lora", "peft.target_modules=[*no_such_module*]"], r"leave no Linear module"),
+    (["model=tiny_qwen2_5_vl", "peft=lora_vision", "freeze.freeze_vision_tower=false"], r"freeze trains .* fully"),
+], ids=["dora-on-experts", "dropout-on-experts", "no-target", "freeze-clash"])
+def test_a_peft_target_error_stops_the_run_before_the_data_and_the_weights_load(overrides, message, tmp_path,
+                                                                               monkeypatch):
+    """A 12B model takes minutes to load: its targets are resolved on a weightless (meta) copy first."""
+    import vlm_sweep.data.datasets as datasets
+    import vlm_sweep.models.load as load
+    from vlm_sweep.train import run
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("data or weights were loaded before the PEFT targets were checked")
+
+    monkeypatch.setattr(datasets, "build_datasets", too_late)
+    monkeypatch.setattr(load, "load_model", too_late)
+    with pytest.raises(LoraTargetError, match=r"^config error: .*" + message) as info:
+        run(compose([*overrides, "tracking=none"]), tmp_path / "run")
+    assert "\n" not in str(info.value)

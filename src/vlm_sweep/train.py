@@ -126,10 +126,10 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     from vlm_sweep.data.collate import VLMCollator
     from vlm_sweep.data.datasets import build_datasets
     from vlm_sweep.data.loaders import build_loaders
-    from vlm_sweep.models.load import checked_source, load_model_and_processor
+    from vlm_sweep.models.load import checked_source, load_model_and_processor, weightless_model
     from vlm_sweep.models.registry import get_family
     from vlm_sweep.training.freeze import apply_freeze, trainable_by_component
-    from vlm_sweep.training.peft_methods import apply_peft
+    from vlm_sweep.training.peft_methods import apply_peft, check_peft
     from vlm_sweep.training.optim import build_optimizer, build_scheduler
 
     accelerator = _make_accelerator(cfg.parallel)
@@ -140,9 +140,10 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
 
         check_tracking(cfg.tracking, cfg.paths.output_root)
 
-    # Cheap checks first: a model that cannot load, then the data (a missing or unreadable data set is
-    # one line in seconds, not after minutes of loading a 12B model).
+    # Cheap checks first: a model that cannot load, PEFT targets that do not exist on it, then the data
+    # (a missing or unreadable data set is one line in seconds, not after minutes of loading a 12B model).
     source = checked_source(cfg.model)
+    check_peft(weightless_model(source, cfg.model), family, cfg.peft, cfg.freeze)
     datasets = build_datasets(cfg.dataset)
     model, processor = load_model_and_processor(cfg.model, source)
     if cfg.parallel.activation_checkpointing:

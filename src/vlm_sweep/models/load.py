@@ -91,6 +91,23 @@ def resolve_attention(setting: Optional[str]) -> Optional[str]:
     return "sdpa"
 
 
+def weightless_model(source: str, model_cfg: Any) -> Optional[Any]:
+    """The model's modules and parameter names on the meta device (no weights read, no memory), from its
+    config alone; None where that cannot be built ahead of the real load (which then reports why)."""
+    import torch
+    import transformers
+
+    family = get_family(model_cfg.family)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, revision=model_cfg.revision,
+                                                         trust_remote_code=model_cfg.trust_remote_code)
+        with torch.device("meta"):
+            return getattr(transformers, family.auto_model_class).from_config(
+                config, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - best effort: the real load below raises the error that matters
+        return None
+
+
 def load_model(source: str, model_cfg: Any) -> Any:
     """The model through the family's Auto class, with dtype and attention from config."""
     import transformers

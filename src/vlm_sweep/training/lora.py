@@ -109,18 +109,21 @@ def apply_lora(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any =
     return get_peft_model(model, lora_config(model, family, peft_cfg, freeze_cfg))
 
 
-def apply_dora(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any = None) -> Any:
-    """DoRA (weight-decomposed LoRA, peft's ``use_dora``): LoRA's targets, plus a trained magnitude
-    per output row (``lora_magnitude_vector``); often closer to full fine-tuning at LoRA's rank.
-
-    peft has no DoRA for fused expert parameters, so a family with them must exclude '*experts*'.
-    """
-    from peft import get_peft_model
-
+def dora_config(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any = None) -> Any:
+    """LoRA's config with ``use_dora``; peft has no DoRA for fused expert parameters, so a family
+    with them must exclude '*experts*' (a one-line LoraTargetError says how)."""
     parameters = select_lora_parameters(model, family, peft_cfg)
     if parameters:
         excluded = ",".join(f"'{p}'" for p in [*peft_cfg.exclude_modules, "*experts*"])
         raise LoraTargetError(
             f"config error: peft.method=dora cannot adapt fused expert weights ({parameters[0]}; peft has no "
             f"DoRA for them): leave them out with \"peft.exclude_modules=[{excluded}]\" or use peft=lora")
-    return get_peft_model(model, lora_config(model, family, peft_cfg, freeze_cfg, use_dora=True))
+    return lora_config(model, family, peft_cfg, freeze_cfg, use_dora=True)
+
+
+def apply_dora(model: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any = None) -> Any:
+    """DoRA (weight-decomposed LoRA, peft's ``use_dora``): LoRA's targets, plus a trained magnitude
+    per output row (``lora_magnitude_vector``); often closer to full fine-tuning at LoRA's rank."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, dora_config(model, family, peft_cfg, freeze_cfg))
