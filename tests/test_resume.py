@@ -159,9 +159,12 @@ def test_incompatible_checkpoint_gives_clear_error(tmp_path):
     base = [f"hydra.run.dir={tmp_path}", "tracking=none", "eval=none", "step_scheduler.max_steps=2",
             "dataset.val_split=null"]
     assert run_launch(base).returncode == 0
-    proc = run_launch(base + ["peft=none", "step_scheduler.max_steps=4"])
-    assert proc.returncode == 2
-    assert "does not fit this config" in proc.stderr and "Traceback" not in proc.stderr
+    # Other trainable names (peft=none), the same names with other shapes (LoRA rank, another model family).
+    for change in (["peft=none"], ["peft.dim=16"], ["model=tiny_qwen2_5_vl"]):
+        proc = run_launch(base + [*change, "step_scheduler.max_steps=4"])
+        assert proc.returncode == 2, (change, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if "does not fit this config" in line]
+        assert len(errors) == 1 and "Traceback" not in proc.stderr, (change, proc.stderr[-2000:])
 
 
 def test_explicit_resume_path_continues_from_that_checkpoint(tmp_path):

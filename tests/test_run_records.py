@@ -85,6 +85,26 @@ def test_handled_error_marks_the_run_failed_in_status_and_mlflow(tmp_path, mlflo
     assert _mlflow_status(mlflow_uri, run_dir) == "FAILED"
 
 
+def test_a_diverged_run_fails_in_one_line_and_keeps_no_broken_checkpoint(tmp_path, mlflow_uri):
+    """Full fine-tuning in fp16 weights under AdamW goes NaN at step 2 (fp16 cannot hold Adam's update):
+    the run stops there, FAILED everywhere, without checkpointing NaN weights; job_status stays strict JSON."""
+    run_dir = tmp_path / "run"
+    proc = run_launch([f"hydra.run.dir={run_dir}", f"tracking.uri={mlflow_uri}", "model.dtype=fp16", "peft=none",
+                       "optimizer.lr=1e-4", "step_scheduler.max_steps=8", "step_scheduler.log_every_steps=4",
+                       "step_scheduler.ckpt_every_steps=4", "eval=none"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged: loss is nan at step 4" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "checkpoints" / "step_4").exists()
+    status = json.loads((run_dir / "job_status.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"job_status.json holds {c}"))
+    assert status["status"] == "FAILED" and "training diverged" in status["error"]
+    assert _mlflow_status(mlflow_uri, run_dir) == "FAILED"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 4]  # the diverged step is on record
+
+
 @pytest.mark.slow
 def test_kill_before_first_checkpoint_then_rerun_starts_clean_records(tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient

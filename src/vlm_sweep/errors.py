@@ -39,6 +39,10 @@ class ModelLoadError(UserError, RuntimeError):
     """A model or processor could not be loaded (offline hub, unknown id, wrong class); the message says what to do."""
 
 
+class TrainingDivergedError(UserError, RuntimeError):
+    """The training loss became NaN or infinite: the run stops before checkpointing the broken weights."""
+
+
 def is_user_error(err: BaseException) -> bool:
     """Whether ``err`` is a user error: the CLIs print its first line, no traceback, exit 2."""
     return isinstance(err, UserError) or str(err).startswith("config error:")

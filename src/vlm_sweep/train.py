@@ -152,9 +152,10 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     counts = apply_freeze(model, family, cfg.freeze)
     if counts["trainable_params"] == 0:
         raise ValueError("config error: freeze/peft leave no trainable parameter")
-    log.info("peft=%s: trainable %s / total %s parameters (%.2f%%); by component: %s", cfg.peft.method,
-             f"{counts['trainable_params']:,}", f"{counts['total_params']:,}",
+    log.info("peft=%s: trainable %s / total %s parameters (%.2f%%), weights in %s (model.dtype=%s); by "
+             "component: %s", cfg.peft.method, f"{counts['trainable_params']:,}", f"{counts['total_params']:,}",
              100 * counts["trainable_params"] / counts["total_params"],
+             str(next(model.parameters()).dtype).replace("torch.", ""), cfg.model.dtype,
              trainable_by_component(model, family))
 
     collator = VLMCollator.for_dataset(processor, cfg.dataset)

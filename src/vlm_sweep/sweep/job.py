@@ -7,6 +7,7 @@ the report read it, and re-running a sweep skips jobs whose status is FINISHED.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,7 +108,18 @@ class JobStatus:
 
 def write_status(run_dir: Path, status: JobStatus) -> None:
     """Replace the job's status file atomically."""
-    atomic_write(RunDir(run_dir).job_status, json.dumps(asdict(status), indent=2) + "\n")
+    atomic_write(RunDir(run_dir).job_status, json.dumps(_finite(asdict(status)), indent=2) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: the status file stays strict JSON (readable by any tool)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def read_status(run_dir: Path) -> Optional[Dict[str, Any]]:

@@ -303,6 +303,12 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} does not fit this config (peft/freeze/model differ): trainable parameters "
             f"missing from it {missing}, unexpected in it {extra}")
+    shapes = {name: tuple(p.shape) for name, p in unwrapped.named_parameters()}  # full shapes, sharded too
+    for name, tensor in weights.items():
+        if name in shapes and tuple(tensor.shape) != shapes[name]:
+            raise CheckpointError(
+                f"{path} does not fit this config (peft/freeze/model differ): {name} is "
+                f"{tuple(tensor.shape)} in it, {shapes[name]} in this model (e.g. another peft.dim or model)")
     optimizer_state = torch.load(ck.optimizer, weights_only=True)
     if sharded:
         load_full_states(unwrapped, optimizer, weights, optimizer_state)

@@ -22,6 +22,7 @@ import torch
 
 from vlm_sweep.data.loaders import from_handover
 from vlm_sweep.data.packing import PackedInputs, processed_tokens, real_tokens
+from vlm_sweep.errors import TrainingDivergedError
 from vlm_sweep.models.registry import get_family
 from vlm_sweep.rundir import RunDir
 from vlm_sweep.training.guards import DataHealth, StopSignal, StoppedWhileReading
@@ -339,6 +340,8 @@ class Trainer:
             progress.step(step, {})
             return False, False
         metrics = self._step_metrics(stats, window)
+        if not math.isfinite(metrics["loss"]):
+            self._diverged(metrics, step)
         self.history["loss"] = metrics["loss"]
         self.history.setdefault("first_loss", metrics["loss"])
         progress.step(step, metrics)
@@ -348,6 +351,16 @@ class Trainer:
         if save:
             self.save_fn(self, metrics)
         return stop, True
+
+    def _diverged(self, metrics: Dict[str, float], step: int) -> None:
+        """Record the step, then stop the run (FAILED) without checkpointing it: every later step would
+        be NaN too, and the last checkpoint is the one to resume from with other settings."""
+        self._log(metrics, step)
+        last = self.history.get("loss")
+        since = f"; last logged loss {last:.4g}" if last is not None else ""
+        raise TrainingDivergedError(
+            f"training diverged: loss is {metrics['loss']} at step {step}{since}; not checkpointed. Lower "
+            f"optimizer.lr, raise scheduler warmup, or train in bf16/fp32 (model.dtype=fp16 overflows easily)")
 
     def _stop_requested(self, stopper: StopSignal, force_check: bool) -> bool:
         """Agree across ranks (every STOP_CHECK_EVERY steps and at checkpoint steps), so every
