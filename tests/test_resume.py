@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_launch
+from conftest import ROOT, compose, run_launch
 
 # LoRA dropout makes the result depend on the restored RNG state, not just on the weights.
 COMMON = ["step_scheduler.max_steps=40", "step_scheduler.ckpt_every_steps=10", "step_scheduler.val_every_steps=10",
@@ -177,3 +177,33 @@ def test_explicit_resume_path_continues_from_that_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["step"] for r in _metrics(second)] == [3, 4, 5, 6]
     assert os.path.exists(second / "checkpoints" / "step_6")
+
+
+def test_resume_none_over_an_earlier_run_is_refused_and_changes_nothing(tmp_path):
+    """A fresh start in a run dir with complete checkpoints would cut the earlier run's metrics and let
+    keep_last delete the new checkpoints first: refused in one line, the earlier run left as it was."""
+    base = [f"hydra.run.dir={tmp_path}", "tracking=none", "eval=none", "dataset.val_split=null",
+            "step_scheduler.max_steps=4", "step_scheduler.ckpt_every_steps=2"]
+    assert run_launch(base).returncode == 0
+    records = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*")  # noqa: E731 (Hydra's own .hydra/ aside)
+                       if p.is_file() and p.suffix != ".log" and ".hydra" not in p.parts}
+    before = records()
+    proc = run_launch(base + ["checkpoint.resume=none"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "checkpoint.resume=none" in errors[0] and "step_4" in errors[0], proc.stderr[-2000:]
+    assert records() == before
+
+
+def test_a_missing_resume_path_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import vlm_sweep.models.load as load
+    from vlm_sweep.errors import CheckpointError
+    from vlm_sweep.train import run
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the model was loaded before checkpoint.resume was checked")
+
+    monkeypatch.setattr(load, "load_model", too_late)
+    cfg = compose(["tracking=none", f"checkpoint.resume={tmp_path / 'nowhere' / 'step_2'}"])
+    with pytest.raises(CheckpointError, match=r"^checkpoint\.resume=.*nowhere.* is not a usable checkpoint dir"):
+        run(cfg, tmp_path / "run")

@@ -241,19 +241,20 @@ class FinetuneRecipe:
     def setup(self) -> None:
         """Model, data, optimizer, loop and checkpointer; resume from the run's checkpoints if present."""
         from vlm_sweep.tracking import NullTracker
-        from vlm_sweep.training.checkpointer import Checkpointer
+        from vlm_sweep.training.checkpointer import Checkpointer, resume_point
         from vlm_sweep.training.settings import TrainerSettings
         from vlm_sweep.training.trainer import Trainer
 
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = resume_point(cfg.checkpoint, self.run_dir)  # a wrong checkpoint.resume: one line, now
         self.parts = parts = _build(cfg, self.run_dir)
         self.config_data = resolved_config(cfg)
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.create(self.config_data))
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, accelerator=parts.accelerator,
                                          processor=parts.processor, optimizer=parts.optimizer,
                                          scheduler=parts.scheduler, dataloader=parts.train_loader,
-                                         config_yaml=self.config_yaml)
+                                         config_yaml=self.config_yaml, resume_from=resume_from)
         self.trainer = Trainer(settings=TrainerSettings.from_config(cfg), accelerator=parts.accelerator,
                                model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
                                train_loader=parts.train_loader, val_loader=parts.val_loader, tracker=NullTracker(),

@@ -78,11 +78,18 @@ def _is_checkpoints_root(path: Path) -> bool:
 
 
 def resolve_resume(checkpoint_cfg: Any, checkpoint_root: Path) -> Optional[Path]:
-    """auto -> the newest verified checkpoint, if any; none -> fresh start; else that (verified) dir.
+    """auto -> the newest verified checkpoint, if any; none -> fresh start (refused where an earlier run left
+    complete checkpoints); else that (verified) dir.
 
     An explicit path may be a checkpoints dir (resolved like auto) or one ``step_<N>`` dir.
     """
     if checkpoint_cfg.resume == "none":
+        earlier = [path for _, path in step_dirs(checkpoint_root) if verify_checkpoint(path, checksums=False) is None]
+        if earlier:  # a fresh start here would cut the earlier run's metrics and mix its checkpoints with ours
+            raise CheckpointError(
+                f"checkpoint.resume=none, but {checkpoint_root} holds an earlier run's checkpoints "
+                f"({', '.join(p.name for p in earlier[:3])}); start it in another hydra.run.dir, continue it "
+                f"(checkpoint.resume=auto), or delete that run dir to start over there")
         return None
     if checkpoint_cfg.resume == "auto":
         return latest_checkpoint(checkpoint_root)

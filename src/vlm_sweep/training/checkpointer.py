@@ -17,13 +17,29 @@ from typing import Any, Dict, Optional
 log = logging.getLogger(__name__)
 
 
+def checkpoint_root(checkpoint_cfg: Any, run_dir: Path) -> Path:
+    """``checkpoint.dir``, relative to the run dir unless absolute."""
+    root = Path(checkpoint_cfg.dir)
+    return root if root.is_absolute() else Path(run_dir) / root
+
+
+def resume_point(checkpoint_cfg: Any, run_dir: Path) -> Optional[Path]:
+    """The checkpoint this run continues from (None: a fresh start), decided before anything heavy loads:
+    a wrong ``checkpoint.resume`` is one line in seconds (CheckpointError), not after the model load."""
+    from vlm_sweep.training import checkpoint as ckpt
+
+    return ckpt.resolve_resume(checkpoint_cfg, checkpoint_root(checkpoint_cfg, run_dir))
+
+
 class Checkpointer:
     """Saves and restores one run's training state."""
 
     def __init__(self, checkpoint_cfg: Any, run_dir: Path, *, accelerator: Any, processor: Any,
-                 optimizer: Any, scheduler: Any, dataloader: Any, config_yaml: str) -> None:
-        root = Path(checkpoint_cfg.dir)
-        self.root = root if root.is_absolute() else Path(run_dir) / root
+                 optimizer: Any, scheduler: Any, dataloader: Any, config_yaml: str,
+                 resume_from: Optional[Path] = None) -> None:
+        """``resume_from``: ``resume_point``'s answer, taken before the model loaded."""
+        self.root = checkpoint_root(checkpoint_cfg, run_dir)
+        self.resume_from = resume_from
         self.cfg = checkpoint_cfg
         self.acc, self.processor = accelerator, processor
         self.optimizer, self.scheduler, self.dataloader = optimizer, scheduler, dataloader
@@ -39,7 +55,7 @@ class Checkpointer:
         """
         from vlm_sweep.training import checkpoint as ckpt
 
-        path = ckpt.resolve_resume(self.cfg, self.root)
+        path = self.resume_from
         if path is None:
             return None
         state = ckpt.load_checkpoint(path, accelerator=self.acc, model=trainer.model, optimizer=self.optimizer,
