@@ -197,3 +197,84 @@ def test_an_unreadable_data_set_stops_the_run_before_the_model_loads(tmp_path, m
     cfg = compose(["dataset=custom", f"dataset.path={tmp_path / 'missing.jsonl'}", "tracking=none"])
     with pytest.raises(DatasetLoadError, match="does not exist"):
         run(cfg, tmp_path / "run")
+
+
+def _split_dir(directory: Path, files: dict) -> Path:
+    directory.mkdir()
+    for name, lines in files.items():
+        (directory / name).write_text("".join(line + "\n" for line in lines))
+    return directory
+
+
+def test_a_directory_validation_file_is_used_and_carving_only_without_one(tmp_path, caplog):
+    train = [_row(f"t{i}") for i in range(18)]
+    directory = _split_dir(tmp_path / "cust", {"train.jsonl": train, "validation.jsonl": [_row("v1"), _row("v2")]})
+    with caplog.at_level(logging.INFO, logger="vlm_sweep.data.datasets"):
+        built = build_datasets(compose(["dataset=custom", f"dataset.path={directory}"]).dataset)
+    assert len(built["train"]) == 18 and len(built["validation"]) == 2
+    assert [built["validation"][i].conversation[-1]["content"][0]["text"] for i in range(2)] == ["v1", "v2"]
+    assert "validation is the source's own 'validation' split (2 rows), not carved" in caplog.text
+    assert "rows carved from" not in caplog.text
+    caplog.clear()
+    (directory / "validation.jsonl").unlink()  # no validation file: 10% of train is carved, and the log says why
+    with caplog.at_level(logging.INFO, logger="vlm_sweep.data.datasets"):
+        built = build_datasets(compose(["dataset=custom", f"dataset.path={directory}"]).dataset)
+    assert (len(built["train"]), len(built["validation"])) == (16, 2)
+    assert "carved from 'train' (seed 0): the source has no 'validation' split" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["val.jsonl", "dev.jsonl", "eval.json"])
+def test_a_misnamed_split_file_is_one_line_naming_it_and_the_expected_names(tmp_path, name):
+    directory = _split_dir(tmp_path / "cust", {"train.jsonl": [_row("a"), _row("b")], name: [_row("v")]})
+    with pytest.raises(DatasetLoadError) as err:
+        build_datasets(compose(["dataset=custom", f"dataset.path={directory}"]).dataset)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{directory / name}: not a split file name")
+    assert "validation.jsonl" in message and f"dataset.val_split={name.split('.')[0]}" in message
+    # Named as the run's val_split, the same file is the validation split.
+    built = build_datasets(compose(["dataset=custom", f"dataset.path={directory}",
+                                    f"dataset.val_split={name.split('.')[0]}"]).dataset)
+    assert len(built["validation"]) == 1 and len(built["train"]) == 2
+
+
+def test_skip_drops_a_bad_line_of_a_directory_split_file_and_names_records_by_file_line(tmp_path, caplog):
+    lines = [_row("a"), _row("b"), _row("c"), _row("d", role="bot"), _row("e"), "{not json", _row("f")]
+    directory = _split_dir(tmp_path / "bad", {"train.jsonl": lines})
+    data = directory / "train.jsonl"
+    cfg = compose(["dataset=custom", f"dataset.path={directory}", "dataset.on_bad_record=skip",
+                   "dataset.carve_val_fraction=null", "dataset.val_split=null"]).dataset
+    with caplog.at_level(logging.WARNING):
+        train = build_datasets(cfg)["train"]
+    assert f"skipping bad record {data}:6: invalid JSON" in caplog.text and "skipped 1 bad line(s)" in caplog.text
+    assert [train.record_id(i) for i in range(len(train))] == [
+        f"custom/train[{row}] ({data}:{line})" for row, line in enumerate((1, 2, 3, 4, 5, 7))]
+    with pytest.raises(BadRecordError, match=re.escape(f"custom/train[3] ({data}:4): messages[1] has unknown role")):
+        train.build(3)
+
+
+def test_rows_with_string_content_among_list_content_and_a_bad_line_load_under_skip(tmp_path, caplog):
+    string_content = json.dumps({"messages": [{"role": "user", "content": "q"},
+                                              {"role": "assistant", "content": "plain"}]})
+    lines = [_row("a"), string_content, _row("c"), "{not json", _row("e")]
+    data = tmp_path / "train.jsonl"
+    with pytest.raises(DatasetLoadError, match=re.escape(f"{data}:4: invalid JSON")):
+        build_datasets(_custom(data, lines, "dataset.carve_val_fraction=null", "dataset.val_split=null"))
+    cfg = _custom(data, lines, "dataset.on_bad_record=skip", "dataset.carve_val_fraction=null",
+                  "dataset.val_split=null")
+    with caplog.at_level(logging.WARNING):
+        train = build_datasets(cfg)["train"]
+    assert f"skipping bad record {data}:4: invalid JSON" in caplog.text
+    samples = [train[i] for i in range(len(train))]
+    assert [_line_of(s.record_id, data) for s in samples] == [1, 2, 3, 5]
+    assert [s.conversation[-1]["content"][0]["text"] for s in samples] == ["a", "plain", "c", "e"]
+
+
+def test_records_of_a_directory_are_named_by_their_split_file_and_line(tmp_path):
+    directory = _split_dir(tmp_path / "cust", {"train.jsonl": [_row("a"), _row("b"), "", _row("d", role="bot")],
+                                               "validation.jsonl": [_row("v")]})
+    built = build_datasets(compose(["dataset=custom", f"dataset.path={directory}",
+                                    "dataset.carve_val_fraction=null"]).dataset)
+    with pytest.raises(BadRecordError) as err:
+        built["train"].build(2)
+    assert str(err.value) == f"custom/train[2] ({directory / 'train.jsonl'}:4): messages[1] has unknown role 'bot'"
+    assert built["validation"][0].record_id == f"custom/validation[0] ({directory / 'validation.jsonl'}:1)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
@@ -24,6 +25,18 @@ def looks_like_hub_id(source: str) -> bool:
     """``owner/name`` (or a bare ``name``): what the hub could have; ``/data/cord``, ``./x``, ``a/b/c``,
     ``data/train.jsonl`` are paths."""
     return HUB_REPO_ID.fullmatch(source) is not None and not source.lower().endswith(DATA_FILE_SUFFIXES)
+
+
+def names_a_local_path(source: str) -> bool:
+    """Whether ``source`` can only mean a local path (so, when missing, it is a mistyped path, not a hub id).
+
+    Not hub-shaped (``/abs``, ``./x``, ``~/x``, ``a/b/c``, ``data/train.jsonl``), or ``dir/name``
+    whose ``dir`` exists here (``outputs/nope``); ``org/name`` with no ``org/`` here, or a bare
+    ``name``, may be a hub id.
+    """
+    if not looks_like_hub_id(source):
+        return True
+    return "/" in source and Path(source).parent.is_dir()
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

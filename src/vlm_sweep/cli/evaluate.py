@@ -23,18 +23,24 @@ from vlm_sweep.cli.user_errors import run_command
 
 def _main(argv: Optional[List[str]]) -> int:
     """Parse flags (the rest are Hydra overrides), score, print where the results went and the table."""
-    args, overrides = build_parser("python -m vlm_sweep.cli.evaluate", __doc__, EVALUATE).parse_known_args(argv)
+    parser = build_parser("python -m vlm_sweep.cli.evaluate", __doc__, EVALUATE)
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     from vlm_sweep.console import silence_known_noise
 
     silence_known_noise()
     from vlm_sweep.config.compose import compose_eval_config
     from vlm_sweep.config.validate import validate_config
-    from vlm_sweep.inference.load import load_for_inference
+    from vlm_sweep.inference.load import load_for_inference, resolve_checkpoint
     from vlm_sweep.inference.score import format_table, score_checkpoint
 
-    loaded = load_for_inference(args.checkpoint, dtype=args.dtype)
-    cfg = compose_eval_config(overrides, loaded.run_config)
+    # The checkpoint's whereabouts and config, then the overrides: every mistake stops before a model loads.
+    _, _, run_config = resolve_checkpoint(args.checkpoint)
+    cfg = compose_eval_config(overrides, run_config)
     validate_config(cfg)
+    loaded = load_for_inference(args.checkpoint, dtype=args.dtype)
     evaluation = score_checkpoint(args.checkpoint, loaded, cfg, sampling=sampling_config(args),
                                   batch_size=args.batch_size, max_samples=args.max_samples,
                                   compare_base=args.compare_base, output_dir=args.output_dir)

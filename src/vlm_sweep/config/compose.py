@@ -6,6 +6,7 @@ default the data set to the one the checkpoint was trained on (with its settings
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, List, Optional
 
 
@@ -38,15 +39,33 @@ def with_run_dataset(cfg: Any, overrides: List[str], run_config: Optional[dict])
     return cfg
 
 
+def check_overrides(overrides: List[str], conf: Path) -> None:
+    """Raise ConfigError (one line naming the key) for an override that is not ``key=value`` or whose
+    key, type or group option is wrong: the same checks ``launch.py`` runs before Hydra composes."""
+    from vlm_sweep.config.validate import check_cli_overrides, override_syntax_problem
+    from vlm_sweep.errors import ConfigError
+
+    problem = override_syntax_problem(overrides) or check_cli_overrides(overrides, conf_dir=conf)
+    if problem:
+        raise ConfigError(problem)
+
+
 def compose_eval_config(overrides: List[str], run_config: Optional[dict]) -> Any:
-    """The composed config; the data set defaults to the checkpoint's own, with its settings."""
+    """The composed config; the data set defaults to the checkpoint's own, with its settings.
+
+    A wrong override raises ConfigError (one line) before anything is composed; what Hydra still
+    refuses is re-raised as ConfigError with Hydra's first line.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
 
     from vlm_sweep.config.paths import conf_dir
     from vlm_sweep.config.schema import register_configs
+    from vlm_sweep.errors import ConfigError
 
     conf = conf_dir()
+    check_overrides(overrides, conf)
     composed = list(overrides)
     if run_config and not any(o.startswith("dataset=") for o in overrides):
         name = run_config["dataset"]["name"]
@@ -54,6 +73,9 @@ def compose_eval_config(overrides: List[str], run_config: Optional[dict]) -> Any
             composed = [f"dataset={name}", *overrides]
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=composed)
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=composed)
+    except HydraException as err:
+        raise ConfigError(f"config error: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     return with_run_dataset(cfg, overrides, run_config)

@@ -8,12 +8,15 @@ JSON, empty answer) raises ``BadRecordError`` naming it, or, with
 
 Splits are what the source has, narrowed in two generic steps: rows a format
 declares unusable (its ``DatasetSpec.row_filter``) are dropped and counted, and when
-``dataset.carve_val_fraction`` is set the validation split is carved out of the
-train split by a seeded permutation (the same rows on every run and in every CLI).
+``dataset.carve_val_fraction`` is set and the source has no ``val_split`` (a local data file
+has only train; a directory of split files has the splits its files name) the validation
+split is carved out of the train split by a seeded permutation (the same rows on every run
+and in every CLI). The log line says which happened.
 
 Records are named by where they are in the SOURCE, whatever carving, row filters and
 ``max_*_samples`` did: ``name/split[row]`` with the row of the source split (kept in a
-column through every ``select``), plus ``(file:line)`` for a local JSON/JSONL file. A
+column through every ``select``), plus ``(file:line)`` for a local JSON/JSONL file (a
+single file or a directory's split file). A
 JSONL line that is not a JSON object is a one-line ``DatasetLoadError`` naming its file
 and line, or, under ``skip``, skipped with a warning naming it.
 """
@@ -27,7 +30,8 @@ from typing import Any, Container, Dict, List, Optional, Tuple
 
 from vlm_sweep.errors import BadRecordError, DatasetLoadError  # noqa: F401 (re-exported)
 from vlm_sweep.hub import download_hint, hub_offline, hub_reachable, looks_like_hub_id
-from vlm_sweep.data.json_source import bad_file_line, load_file, quiet_json_builder, root_cause
+from vlm_sweep.data.json_source import (FILE_COLUMN, LINE_COLUMN, bad_file_line, decode_row, load_local,
+                                        local_split_files, local_splits, quiet_json_builder, root_cause)
 from vlm_sweep.data.media import VideoFrames, shrink_image, to_rgb
 from vlm_sweep.data.formats import Conversation, assistant_texts
 from vlm_sweep.data.sets import get_spec
@@ -36,8 +40,10 @@ log = logging.getLogger(__name__)
 
 # Seed of the train/validation carve when the config names none (dataset.carve_seed).
 DEFAULT_CARVE_SEED = 0
-# Columns added at load time: the row in the source split, and the line in a local JSON file.
-ROW_COLUMN, LINE_COLUMN = "__vlm_sweep_source_row__", "__vlm_sweep_source_line__"
+# Column added at load time: the row in the source split (json_source adds a local JSON file's
+# file and line columns).
+ROW_COLUMN = "__vlm_sweep_source_row__"
+_SOURCE_COLUMNS = (ROW_COLUMN, FILE_COLUMN, LINE_COLUMN)
 
 
 @dataclass
@@ -72,8 +78,15 @@ def load_split(dataset_cfg: Any, split: str) -> Any:
 
 
 def carves(dataset_cfg: Any) -> bool:
-    """Whether validation is carved out of the train split."""
-    return bool(dataset_cfg.carve_val_fraction) and dataset_cfg.val_split is not None
+    """Whether validation is carved out of the train split: asked for, and the source has no ``val_split``.
+
+    The splits of a local file or directory of split files are known without loading; for any other
+    source (hub id, hub layout) the config's ``carve_val_fraction`` is taken at its word.
+    """
+    if not dataset_cfg.carve_val_fraction or dataset_cfg.val_split is None:
+        return False
+    splits = local_splits(dataset_cfg)
+    return splits is None or dataset_cfg.val_split not in splits
 
 
 def source_split(dataset_cfg: Any, split: str) -> str:
@@ -88,8 +101,9 @@ def load_carved_splits(dataset_cfg: Any) -> Tuple[Any, Any]:
     source = load_source_split(dataset_cfg, dataset_cfg.train_split)
     seed = carve_seed(dataset_cfg)
     train_rows, val_rows = carve_rows(len(source), dataset_cfg.carve_val_fraction, seed)
-    log.info("%s: %d train / %d validation rows carved from %r (seed %d)", dataset_cfg.name,
-             len(train_rows), len(val_rows), dataset_cfg.train_split, seed)
+    log.info("%s: %d train / %d validation rows carved from %r (seed %d): the source has no %r split",
+             dataset_cfg.name, len(train_rows), len(val_rows), dataset_cfg.train_split, seed,
+             dataset_cfg.val_split)
     return source.select(train_rows), source.select(val_rows)
 
 
@@ -108,10 +122,10 @@ def load_source_split(dataset_cfg: Any, split: str) -> Any:
     import datasets
     import numpy as np
 
-    lines = None
     try:
-        if local.is_file():
-            loaded, lines = load_file(local, dataset_cfg, split)
+        files = local_split_files(dataset_cfg, split) if local.exists() else None
+        if files is not None:
+            loaded = load_local(files, dataset_cfg, split)
         else:
             with quiet_json_builder():
                 loaded = datasets.load_dataset(source, name=dataset_cfg.subset, split=split)
@@ -125,8 +139,6 @@ def load_source_split(dataset_cfg: Any, split: str) -> Any:
             f"could not load split {split!r} of dataset {source!r}: {str(err).splitlines()[0]}{hint}"
         ) from err
     loaded = loaded.add_column(ROW_COLUMN, np.arange(len(loaded), dtype=np.int64))
-    if lines is not None and len(lines) == len(loaded):
-        loaded = loaded.add_column(LINE_COLUMN, np.asarray(lines, dtype=np.int64))
     return drop_unusable_rows(loaded, dataset_cfg.format, f"{dataset_cfg.name}/{split}")
 
 
@@ -192,7 +204,7 @@ class ConversationDataset:
         self.skip_bad = dataset_cfg.on_bad_record == "skip"
         # Where each row came from (load_source_split's columns; absent for a split built elsewhere).
         # Read per record: materialising a column through a select()'s index mapping is slow.
-        columns = [c for c in (ROW_COLUMN, LINE_COLUMN) if c in hf_split.column_names]
+        columns = [c for c in _SOURCE_COLUMNS if c in hf_split.column_names]
         self._source = hf_split.select_columns(columns) if columns else None
         # Record ids whose model inputs this process already holds (the collator's FeatureCache,
         # linked by build_loaders): such records come back without a conversation.
@@ -206,7 +218,7 @@ class ConversationDataset:
         source = self._source[index] if self._source is not None else {}
         where = f"{self.name}[{source.get(ROW_COLUMN, index)}]"
         line = source.get(LINE_COLUMN)
-        return where if line is None else f"{where} ({self.cfg.path}:{line})"
+        return where if line is None else f"{where} ({source.get(FILE_COLUMN, self.cfg.path)}:{line})"
 
     def build(self, index: int) -> Sample:
         """The sample at ``index``; raises BadRecordError naming the record."""
@@ -215,10 +227,10 @@ class ConversationDataset:
             record = self.hf_split[index]
         except Exception as err:  # image decode errors surface on access
             raise BadRecordError(f"{where}: cannot be read ({err})") from err
-        for column in (ROW_COLUMN, LINE_COLUMN):
+        for column in _SOURCE_COLUMNS:
             record.pop(column, None)
         try:
-            conversation = self.to_conversation(record, self.cfg)
+            conversation = self.to_conversation(decode_row(record), self.cfg)
         except BadRecordError:
             raise
         except (ValueError, KeyError, TypeError) as err:
@@ -258,7 +270,7 @@ class ConversationDataset:
         Reads only the columns without media, so no image is decoded.
         """
         text_columns = [name for name, feature in self.hf_split.features.items()
-                        if not _holds_media(feature) and name not in (ROW_COLUMN, LINE_COLUMN)]
+                        if not _holds_media(feature) and name not in _SOURCE_COLUMNS]
         table = self.hf_split.select_columns(text_columns)
         return [sum(len(str(v)) for v in row.values()) for row in table]
 
@@ -288,6 +300,9 @@ def build_datasets(dataset_cfg: Any) -> Dict[str, ConversationDataset]:
         if split is None:
             continue
         hf_split = carved[position] if carved else load_split(dataset_cfg, split)
+        if role == "validation" and not carved and dataset_cfg.carve_val_fraction:
+            log.info("%s: validation is the source's own %r split (%d rows), not carved from %r",
+                     dataset_cfg.name, split, len(hf_split), dataset_cfg.train_split)
         if limit is not None:
             hf_split = hf_split.select(range(min(limit, len(hf_split))))
         out[role] = ConversationDataset(hf_split, dataset_cfg, split)

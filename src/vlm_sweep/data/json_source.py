@@ -1,9 +1,17 @@
-"""Local JSON / JSONL / parquet files as one split, with bad lines named by file and line.
+"""Local JSON / JSONL / parquet files as splits, with bad lines named by file and line.
+
+A local source is one data file (the one split ``train_split``) or a directory of split files
+named ``<split>.<ext>`` (``train.jsonl``, ``validation.jsonl``, ``test.parquet``; a
+``-00000-of-00002`` shard suffix is allowed). A directory with no data file at its top level
+(a hub repo's layout) is left to datasets. A data file named by no split the run can read is a
+one-line ``DatasetLoadError`` (``check_split_names``).
 
 A JSONL line that is not a JSON object is a one-line ``DatasetLoadError`` naming its file
 and line, or, under ``dataset.on_bad_record=skip``, skipped with a warning naming it (the
-good lines are then parsed with pyarrow as datasets' json builder would). Each row's line
-number is kept so records can be named by where they are in the user's file.
+good lines are then parsed with pyarrow as datasets' json builder would). Rows that do not
+share one schema (a ``content`` that is a string in one row and a list in another) are kept
+as their JSON text and decoded per record (``decode_row``). Each row's file and line are kept
+(``FILE_COLUMN``, ``LINE_COLUMN``) so records are named by where they are in the user's files.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -21,6 +30,13 @@ log = logging.getLogger(__name__)
 
 # A local data file is one split, read by the builder for its extension.
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Columns added at load time: the file and the line where each row of a local JSON file starts.
+FILE_COLUMN, LINE_COLUMN = "__vlm_sweep_source_file__", "__vlm_sweep_source_line__"
+# Rows of a JSON file that do not share one schema are kept as their JSON text in this column.
+RAW_COLUMN = "__vlm_sweep_json_row__"
+# Split names a directory's data files may always have, besides the configured ones.
+STANDARD_SPLITS = ("train", "validation", "test")
+_SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
 # Bad JSONL lines named one by one in the log under ``skip`` (the rest are counted).
 _MAX_LOGGED_LINES = 50
 
@@ -44,8 +60,87 @@ def quiet_json_builder() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def load_file(local: Path, dataset_cfg: Any, split: str) -> Tuple[Any, Optional[List[int]]]:
-    """(split, line of each row or None) of a local data file; bad JSONL lines named or skipped."""
+def split_files(directory: Path) -> Dict[str, List[Path]]:
+    """split -> its data files, for a directory of split files; empty if none is at its top level."""
+    found: Dict[str, List[Path]] = {}
+    if directory.is_dir():
+        for path in sorted(directory.iterdir()):
+            # Hidden files (markers such as ``.complete.json``) are no data, as for datasets.
+            if path.is_file() and path.suffix.lower() in FILE_BUILDERS and not path.name.startswith("."):
+                found.setdefault(_SHARD_SUFFIX.sub("", path.stem), []).append(path)
+    return found
+
+
+def check_split_names(found: Dict[str, List[Path]], dataset_cfg: Any) -> None:
+    """A data file named by no split the run can read is a one-line error naming it and the names expected.
+
+    An error, not a warning: such a file (``val.jsonl``, ``dev.jsonl``, ``eval.jsonl``) is almost
+    always a misnamed validation file. Ignoring it would carve validation out of train instead, so
+    the run would train and validate on other data than the user meant, and a warning scrolls away
+    in a training log; the error costs a rename (or ``dataset.val_split=<name>``) before any model loads.
+    """
+    names = list(dict.fromkeys(name for name in (dataset_cfg.train_split, dataset_cfg.val_split,
+                                                 getattr(dataset_cfg, "split", None), *STANDARD_SPLITS) if name))
+    for split, files in found.items():
+        if split not in names:
+            raise DatasetLoadError(
+                f"{files[0]}: not a split file name: data files in dataset.path are named by split "
+                f"({', '.join(name + '.jsonl' for name in names)}; or .json / .parquet); rename it "
+                f"(e.g. to {dataset_cfg.val_split or 'validation'}.jsonl) or set dataset.val_split={split}")
+
+
+def local_splits(dataset_cfg: Any) -> Optional[List[str]]:
+    """The splits of a local data file or directory of split files (names checked); None for other sources."""
+    local = Path(str(dataset_cfg.path))
+    if local.is_file():
+        return [dataset_cfg.train_split]
+    found = split_files(local)
+    if not found:
+        return None
+    check_split_names(found, dataset_cfg)
+    return list(found)
+
+
+def local_split_files(dataset_cfg: Any, split: str) -> Optional[List[Path]]:
+    """The files holding ``split`` of a local file or directory of split files; None for other sources."""
+    local = Path(str(dataset_cfg.path))
+    if local.is_file():
+        if split != dataset_cfg.train_split:
+            raise ValueError(f"Unknown split {split!r}: a data file is the one split {dataset_cfg.train_split!r}")
+        return [local]
+    found = split_files(local)
+    if not found:
+        return None
+    check_split_names(found, dataset_cfg)
+    if split not in found:
+        have = ", ".join(path.name for files in found.values() for path in files)
+        raise ValueError(f"no {split!r} split file in it (expected {split}.jsonl, .json or .parquet; found {have})")
+    return found[split]
+
+
+def load_local(files: List[Path], dataset_cfg: Any, split: str) -> Any:
+    """``split`` from its local data files, each row's file and line kept (JSON files), bad lines handled."""
+    import datasets
+    import numpy as np
+
+    parts = []
+    for path in files:
+        loaded, lines = load_file(path, dataset_cfg.on_bad_record, split)
+        if lines is not None and len(lines) == len(loaded):
+            loaded = loaded.add_column(LINE_COLUMN, np.asarray(lines, dtype=np.int64))
+            loaded = loaded.add_column(FILE_COLUMN, [str(path)] * len(loaded))
+        parts.append(loaded)
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as err:
+        raise DatasetLoadError(f"the {split!r} files {[str(p) for p in files]} do not share one schema: "
+                               f"{root_cause(err)}") from None
+
+
+def load_file(local: Path, on_bad_record: str, split: str) -> Tuple[Any, Optional[List[int]]]:
+    """(``local`` as ``split``, line of each row or None); bad JSONL lines named, or skipped under ``skip``."""
     import datasets
 
     builder = FILE_BUILDERS.get(local.suffix.lower())
@@ -54,22 +149,45 @@ def load_file(local: Path, dataset_cfg: Any, split: str) -> Tuple[Any, Optional[
     bad: Dict[int, str] = {}
     try:
         with quiet_json_builder():
-            loaded = datasets.load_dataset(builder, data_files={dataset_cfg.train_split: str(local)}, split=split)
-    except datasets.exceptions.DatasetGenerationError as err:
-        if builder != "json" or _is_json_array(local) or not (bad := _bad_json_lines(local)):
-            raise DatasetLoadError(_json_error(local) or f"could not load {local}: {root_cause(err)}") from None
+            loaded = datasets.load_dataset(builder, data_files={split: str(local)}, split=split)
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+        # ValueError: datasets' json builder lets pandas' errors through (e.g. a bad line among rows
+        # that do not share one schema), so those are read here too.
+        if builder != "json":
+            raise DatasetLoadError(f"could not load {local}: {root_cause(err)}") from None
+        loaded, bad = _load_json_rows(local, on_bad_record, split)
+    return loaded, (_row_lines(local, bad) if builder == "json" else None)
+
+
+def _load_json_rows(local: Path, on_bad_record: str, split: str) -> Tuple[Any, Dict[int, str]]:
+    """(dataset, bad lines skipped) of a JSON/JSONL file datasets' builder could not read."""
+    if _is_json_array(local):
+        try:
+            items = json.loads(local.read_text(encoding="utf-8"))
+        except ValueError:
+            raise DatasetLoadError(_json_error(local) or f"could not load {local}: invalid JSON") from None
+        return _rows_dataset([json.dumps(item).encode() for item in items], local, split), {}
+    bad = _bad_json_lines(local)
+    if bad:
         line, reason = next(iter(bad.items()))
-        if dataset_cfg.on_bad_record != "skip":
+        if on_bad_record != "skip":
             more = f" (and {len(bad) - 1} more bad line(s))" if len(bad) > 1 else ""
             raise DatasetLoadError(f"{local}:{line}: {reason}{more}; fix it, or set dataset.on_bad_record=skip "
                                    f"to skip bad lines") from None
-        if split != dataset_cfg.train_split:
-            raise ValueError(f"Unknown split {split!r}: a data file is the one split {dataset_cfg.train_split!r}")
         for line, reason in list(bad.items())[:_MAX_LOGGED_LINES]:
             log.warning("skipping bad record %s:%d: %s", local, line, reason)
         log.warning("%s: skipped %d bad line(s) that are not JSON objects", local, len(bad))
-        loaded = _json_lines_dataset(local, bad, split)
-    return loaded, (_row_lines(local, bad) if builder == "json" else None)
+    return _json_lines_dataset(local, bad, split), bad
+
+
+def decode_row(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The record as written: a row kept as JSON text (``RAW_COLUMN``) decoded; others unchanged."""
+    if RAW_COLUMN not in record:
+        return record
+    value = json.loads(record.pop(RAW_COLUMN))
+    if not isinstance(value, dict):
+        raise ValueError(f"not a JSON object (a {type(value).__name__})")
+    return value
 
 
 def _is_json_array(path: Path) -> bool:
@@ -123,22 +241,31 @@ def _bad_json_lines(path: Path) -> Dict[int, str]:
 
 
 def _json_lines_dataset(path: Path, bad: Dict[int, str], split: str) -> Any:
-    """The good lines of a JSONL file as a dataset, parsed as datasets' json builder does (pyarrow)."""
+    """The good lines of a JSONL file as a dataset."""
+    with open(path, "rb") as f:
+        good = [raw.rstrip(b"\r\n") + b"\n" for number, raw in enumerate(f, 1)
+                if raw.strip() and number not in bad]
+    return _rows_dataset(good, path, split)
+
+
+def _rows_dataset(rows: List[bytes], path: Path, split: str) -> Any:
+    """JSON object rows parsed as datasets' json builder does (pyarrow); rows that do not share one
+    schema are kept as their JSON text (``RAW_COLUMN``), each decoded when its record is built."""
     import datasets
     import pyarrow as pa
     import pyarrow.json as paj
     from datasets.table import InMemoryTable
 
-    with open(path, "rb") as f:
-        good = [raw.rstrip(b"\r\n") + b"\n" for number, raw in enumerate(f, 1)
-                if raw.strip() and number not in bad]
-    if not good:
+    if not rows:
         raise DatasetLoadError(f"{path}: no line is a JSON object")
-    block = max(1 << 20, 2 * max(map(len, good)))
+    block = max(1 << 20, 2 * max(map(len, rows)))
     try:
-        table = paj.read_json(io.BytesIO(b"".join(good)), read_options=paj.ReadOptions(block_size=block))
+        table = paj.read_json(io.BytesIO(b"".join(row.rstrip(b"\r\n") + b"\n" for row in rows)),
+                              read_options=paj.ReadOptions(block_size=block))
     except pa.ArrowInvalid as err:
-        raise DatasetLoadError(f"could not load {path}: {str(err).splitlines()[0]}") from None
+        log.info("%s: rows do not share one schema (%s); each row is decoded on its own",
+                 path, str(err).splitlines()[0])
+        table = pa.table({RAW_COLUMN: [row.decode("utf-8").strip() for row in rows]})
     return datasets.Dataset(InMemoryTable(table), split=datasets.NamedSplit(split))
 
 

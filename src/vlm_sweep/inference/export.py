@@ -19,14 +19,14 @@ from vlm_sweep.errors import CheckpointError
 def export_checkpoint(checkpoint: str, output: str, merge_lora: bool = False,
                       max_shard_size: str = "5GB") -> Path:
     """Write the export; returns the output dir. Written to a temp dir first, then renamed (never half-written)."""
-    from vlm_sweep.inference.load import load_for_inference
-    from vlm_sweep.rundir import BASE_MODEL, find_model_dir
+    from vlm_sweep.inference.load import load_for_inference, resolve_checkpoint
+    from vlm_sweep.rundir import BASE_MODEL
 
+    model_dir, _, _ = resolve_checkpoint(checkpoint)  # a missing or empty checkpoint: before anything is written
     out = Path(output)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model_dir, _ = find_model_dir(checkpoint)
     is_adapter = (model_dir / "adapter_config.json").exists()
     if is_adapter and not merge_lora:
         shutil.copytree(model_dir, tmp)

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any, Optional, Tuple
 
 from vlm_sweep.errors import CheckpointError
+from vlm_sweep.hub import names_a_local_path
 from vlm_sweep.models.load import load_model, load_processor, preflight_hub_access, resolve_source
 from vlm_sweep.models.registry import family_for_model_type
 from vlm_sweep.rundir import CheckpointDir, find_model_dir
@@ -31,11 +32,6 @@ class Loaded:
     family: str
     model_dir: str              # where the weights came from
     run_config: Optional[dict]  # the training config, when loading a checkpoint
-
-
-def _looks_like_a_path(source: str) -> bool:
-    """A hub id is ``name`` or ``org/name``: anything else that does not exist is a missing directory."""
-    return source.startswith(("/", ".", "~")) or source.count("/") > 1
 
 
 def _model_cfg(family: str, source: str, run_config: Optional[dict], dtype: Optional[str]) -> Any:
@@ -81,16 +77,25 @@ def _load_adapter(model_dir: Path, run_config: Optional[dict], dtype: Optional[s
     return model, load_processor(str(model_dir), base_cfg), family
 
 
-def load_for_inference(source: str, *, merge_lora: bool = False, dtype: Optional[str] = None) -> Loaded:
-    """Model (eval mode) + processor from any accepted source (see the module docstring)."""
+def resolve_checkpoint(source: str) -> Tuple[Path, Optional[Path], Optional[dict]]:
+    """(model dir, step dir or None, training config or None) for ``source``, without loading a model.
+
+    The one place that decides a ``--checkpoint`` value is a missing path ("checkpoint not
+    found") rather than a hub id (``hub.names_a_local_path``); every command goes through it.
+    """
     model_dir, step_dir = find_model_dir(source)
-    if not model_dir.exists() and _looks_like_a_path(source):
+    if not model_dir.exists() and names_a_local_path(source):
         raise CheckpointError(f"checkpoint not found: {source} (expected a run, checkpoints, step_<N>, "
                               f"model or export dir, or a hub id)")
     if model_dir.is_dir() and not any((model_dir / name).exists() for name in ("config.json", "adapter_config.json")):
         raise CheckpointError(f"no checkpoint or model in {source} (a run dir that has not saved a checkpoint yet, "
                               f"or a directory that is not a model)")
-    run_config = _read_run_config(step_dir)
+    return model_dir, step_dir, _read_run_config(step_dir)
+
+
+def load_for_inference(source: str, *, merge_lora: bool = False, dtype: Optional[str] = None) -> Loaded:
+    """Model (eval mode) + processor from any accepted source (see the module docstring)."""
+    model_dir, step_dir, run_config = resolve_checkpoint(source)
     if (model_dir / "adapter_config.json").exists():
         model, processor, family = _load_adapter(model_dir, run_config, dtype, merge_lora)
     else:
