@@ -280,3 +280,17 @@ def test_cli_wrong_key_or_type_is_one_line_naming_the_key(override, key, tmp_pat
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and key in lines[0], proc.stderr
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("argv,overrides", [
+    (["--cfg", "job", "model=tiny_qwen2_5_vl"], ["model=tiny_qwen2_5_vl"]),
+    (["-c", "hydra", "-p", "model", "peft=lora"], ["peft=lora"]),
+    (["--info", "defaults", "seed=1"], ["seed=1"]),
+    (["--info", "seed=1"], ["seed=1"]),  # --info's value is optional
+    (["-m", "optimizer.lr=1e-5,2e-5", "--config-name=config"], ["optimizer.lr=1e-5,2e-5"]),
+])
+def test_hydra_flags_and_their_values_are_not_taken_for_overrides(argv, overrides):
+    from vlm_sweep.config.validate import command_line_overrides, override_syntax_problem
+
+    assert command_line_overrides(argv) == overrides
+    assert override_syntax_problem(command_line_overrides(argv)) is None

@@ -187,3 +187,25 @@ def test_a_peft_target_error_stops_the_run_before_the_data_and_the_weights_load(
     with pytest.raises(LoraTargetError, match=r"^config error: .*" + message) as info:
         run(compose([*overrides, "tracking=none"]), tmp_path / "run")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("model_name", FAMILIES)
+def test_ddp_searches_for_unused_parameters_only_when_a_media_part_trains(model_name):
+    """A batch without an image leaves a trainable vision tower/projector without gradients (DDP must search
+    for them); LoRA on the language model and full text-path fine-tuning never do (no per-step traversal)."""
+    from vlm_sweep.training.distributed import find_unused_parameters
+
+    model, family = _load(model_name)
+    for _, param in model.named_parameters():
+        param.requires_grad_(False)
+    apply_freeze(model, family, _freeze_cfg(freeze_vision_tower=True, freeze_vision_projection=True,
+                                            freeze_audio_tower=True, freeze_embeddings=False,
+                                            freeze_language_model=False))
+    assert not find_unused_parameters(model, family, None)
+    assert find_unused_parameters(model, family, True)  # an explicit setting wins
+    lora_lm = apply_lora(model, family, compose([f"model={model_name}", "peft=lora"]).peft)
+    assert not find_unused_parameters(lora_lm, family, None)
+    model, family = _load(model_name)
+    lora_vision = apply_lora(model, family, compose([f"model={model_name}", "peft=lora_vision"]).peft)
+    assert find_unused_parameters(lora_vision, family, None)
+    assert not find_unused_parameters(lora_vision, family, False)

@@ -278,3 +278,16 @@ def test_records_of_a_directory_are_named_by_their_split_file_and_line(tmp_path)
         built["train"].build(2)
     assert str(err.value) == f"custom/train[2] ({directory / 'train.jsonl'}:4): messages[1] has unknown role 'bot'"
     assert built["validation"][0].record_id == f"custom/validation[0] ({directory / 'validation.jsonl'}:1)"
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_a_media_part_without_its_path_names_the_field(tmp_path, kind):
+    good = _row("fine")
+    bad = json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"},
+                                                                {"type": kind, "path": "x.png"}]},
+                                   {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]})
+    built = build_datasets(_custom(tmp_path / "train.jsonl", [good, bad], "dataset.carve_val_fraction=null",
+                                   "dataset.val_split=null"))
+    with pytest.raises(BadRecordError, match=rf"custom/train\[1\].*messages\[0\]\.content\[1\]\.{kind} is missing "
+                                             r"\(expected a file path, got None\)"):
+        built["train"][1]

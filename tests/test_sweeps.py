@@ -78,7 +78,9 @@ def test_failing_job_is_isolated_and_sweep_exits_nonzero(tmp_path, mlflow_uri):
                        "dataset.max_length=16,512", "dataset.preflight_samples=0", "optimizer.lr=1e-3", *TINY])
     assert proc.returncode == 1
     assert "1 of 2 jobs did not finish" in proc.stderr
-    assert "BadRecordError" in proc.stderr and str(sweep / "0" / "launch.log") in proc.stderr
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("  job 0 ")]
+    assert len(failed) == 1 and "FAILED: synthetic_receipts/train[" in failed[0], proc.stderr  # the record, by name
+    assert "max_length" in failed[0] and str(sweep / "0" / "launch.log") in failed[0]
     ok = json.loads((sweep / "1" / "job_status.json").read_text())
     bad = json.loads((sweep / "0" / "job_status.json").read_text())
     assert ok["status"] == "FINISHED" and bad["status"] == "FAILED" and "max_length" in bad["error"]

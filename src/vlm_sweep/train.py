@@ -70,9 +70,10 @@ def _make_accelerator(parallel_cfg: Any) -> Any:
              parallel_cfg.mixed_precision)
     from accelerate.utils import DistributedDataParallelKwargs
 
-    # A rank whose batch has no image leaves the vision tower without gradients: DDP must
-    # know, or the gradient all-reduce mismatches across ranks (gloo error, NCCL hang).
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=parallel_cfg.find_unused_parameters)]
+    # A rank whose batch has no image leaves the vision tower without gradients: DDP must know, or the
+    # gradient all-reduce mismatches across ranks (gloo error, NCCL hang). Decided once the trainable
+    # parameters are known (distributed.find_unused_parameters), before the model is wrapped.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(parallel_cfg.find_unused_parameters))]
     if parallel_cfg.backend:
         handlers.append(InitProcessGroupKwargs(backend=parallel_cfg.backend))
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
@@ -183,7 +184,16 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
                  f"{summary['local_numel']:,}", f"{summary['full_numel']:,}")
         RunDir(run_dir).sharding(accelerator.process_index).write_text(json.dumps(summary))
     else:
+        from vlm_sweep.training.distributed import find_unused_parameters
+
         optimizer = build_optimizer(model, cfg.optimizer)
+        if accelerator.ddp_handler is not None and accelerator.num_processes > 1:
+            search = find_unused_parameters(model, family, cfg.parallel.find_unused_parameters)
+            accelerator.ddp_handler.find_unused_parameters = search
+            if accelerator.is_main_process:
+                log.info("DDP find_unused_parameters=%s (parallel.find_unused_parameters=%s)", search,
+                         "null: on when a vision or audio part trains"
+                         if cfg.parallel.find_unused_parameters is None else cfg.parallel.find_unused_parameters)
         model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.step_scheduler.max_steps, cfg.optimizer.lr)
     return RunParts(accelerator, model, processor, optimizer, scheduler, train_loader, val_loader,

@@ -70,7 +70,9 @@ def _failed(err: Exception, ctx: Any, record: Optional[Callable[..., None]]) -> 
     if record is not None:
         tracking = RunDir(ctx.run_dir).tracking
         run_id = json.loads(tracking.read_text())["run_id"] if tracking.exists() else None
-        record(error=f"{type(err).__name__}: {message}", mlflow_run_id=run_id)
+        # A user error is its message (the console's line without "error: "); a bug keeps its exception type.
+        error = message if is_cli_user_error(err) else f"{type(err).__name__}: {message}"
+        record(error=error, mlflow_run_id=run_id)
     if is_cli_user_error(err):
         from vlm_sweep.console import user_error
 

@@ -146,8 +146,9 @@ class ParallelConfig:
     mixed_precision: str = "auto"
     backend: Optional[str] = None  # null: nccl on GPU, gloo on CPU
     # DDP: tolerate parameters without gradients in a step (a rank whose batch has no image).
-    # Costs a graph traversal per step; false when every batch uses every trainable part.
-    find_unused_parameters: bool = True
+    # Costs a graph traversal per step. null: on only when a part outside the language model trains
+    # (vision tower, projector, audio tower: what a batch can leave unused); true/false force it.
+    find_unused_parameters: Optional[bool] = None
     # Recompute each block's activations in the backward instead of keeping them: less memory
     # (the 12B seq-4096/8192 and 4B full-SFT recipes need it on one GPU), ~30% more compute.
     activation_checkpointing: bool = False

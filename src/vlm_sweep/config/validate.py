@@ -288,6 +288,28 @@ def check_cli_overrides(args: List[str], conf_dir: Optional[Path] = None) -> Opt
     return None
 
 
+# Hydra's command-line flags that take the next argument as their value (``--info`` only optionally).
+_HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                      "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+_HYDRA_INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def command_line_overrides(argv: List[str]) -> List[str]:
+    """The overrides of a ``launch.py`` command line: Hydra's flags and their values left out."""
+    overrides, skip_next = [], False
+    for i, arg in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.startswith("-"):
+            following = argv[i + 1] if i + 1 < len(argv) else ""
+            skip_next = "=" not in arg and (arg in _HYDRA_VALUE_FLAGS or (
+                arg in ("--info", "-i") and following in _HYDRA_INFO_VALUES))
+            continue
+        overrides.append(arg)
+    return overrides
+
+
 def override_syntax_problem(args: List[str]) -> Optional[str]:
     """One line for an argument that is not an override at all (a stray path, ``key`` without ``=``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser

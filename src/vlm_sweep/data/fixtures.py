@@ -34,6 +34,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as err:
         print(str(err).splitlines()[0], file=sys.stderr)
         return 2
+    from vlm_sweep.console import silence_known_noise
+
+    silence_known_noise()  # datasets' "Creating parquet from Arrow format" bars say nothing here
     path = spec.write_fixture(args.directory, seed=args.seed)
     print(f"wrote {spec.name} to {path}")
     extra = "".join(f"{arg} " for arg in spec.launch_args)

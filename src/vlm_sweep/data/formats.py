@@ -32,10 +32,11 @@ def text_part(text: str) -> Dict[str, Any]:
     return {"type": "text", "text": text}
 
 
-def resolve_media(path: str, root: Optional[str | Path], key: str) -> Path:
-    """A record's media path: absolute as is, relative against ``root`` (named by ``key``)."""
+def resolve_media(path: str, root: Optional[str | Path], key: str, field: str = "media path") -> Path:
+    """A record's media path: absolute as is, relative against ``root`` (named by ``key``); ``field`` names
+    where the record keeps it, for the error."""
     if not isinstance(path, str) or not path:
-        raise ValueError("media path is missing")
+        raise ValueError(f"{field} is missing (expected a file path, got {path!r})")
     candidate = Path(path)
     if candidate.is_absolute():
         return candidate

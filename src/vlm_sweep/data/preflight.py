@@ -123,7 +123,7 @@ class _Checker:
         self.report = PreflightReport(
             model=str(cfg.model.name), family=str(cfg.model.family), dataset=str(cfg.dataset.name),
             max_length=self.max_length, micro_batch_size=int(cfg.step_scheduler.micro_batch_size),
-            packing=f"dataset.pack_length={cfg.dataset.pack_length}" if cfg.dataset.packing else None)
+            packing=f"dataset.pack_length={_yaml_value(cfg.dataset.pack_length)}" if cfg.dataset.packing else None)
         self.lengths_by_split: Dict[str, Dict[int, int]] = {}
 
     def problem(self, record_id: str, reason: str, message: str, skippable: bool = True) -> None:
@@ -313,3 +313,8 @@ def _check_usable(cfg: Any, report: PreflightReport, train_lengths: Dict[int, in
         raise BadRecordError(
             f"{report.dataset}: only {usable} of {checked} checked training records are usable "
             f"(skipped: {reasons or 'none'}); e.g. {next(iter(report.skip_examples.values()), '-')}")
+
+
+def _yaml_value(value: object) -> str:
+    """A config value as the user writes it on the command line (None -> null)."""
+    return "null" if value is None else str(value)

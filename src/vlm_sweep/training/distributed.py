@@ -9,9 +9,26 @@ become DTensors sharded across ranks; state dicts are gathered to full tensors f
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import torch
+
+
+# Registry components every text batch runs through (media towers and projectors may sit a batch out).
+_USED_BY_EVERY_BATCH = ("embeddings", "language_model", "lm_head")
+
+
+def find_unused_parameters(model: Any, family: Any, setting: Optional[bool]) -> bool:
+    """``parallel.find_unused_parameters`` for DDP; null: on only when a trainable parameter lies outside the
+    text path (embeddings, language model, head). Only those can go without a gradient in a step (a rank whose batch has no image leaves
+    the vision tower and projector unused, an audio tower is unused without audio); the search costs a
+    graph traversal per step, and PyTorch prints a note on every rank when it finds nothing."""
+    from vlm_sweep.models.registry import component_of
+
+    if setting is not None:
+        return bool(setting)
+    return any(param.requires_grad and component_of(family, name) not in _USED_BY_EVERY_BATCH
+               for name, param in model.named_parameters())
 
 
 def is_fsdp(model: Any) -> bool:

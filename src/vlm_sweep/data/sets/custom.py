@@ -31,10 +31,11 @@ def _part(part: Dict[str, Any], base: Path, dataset_cfg: Any, where: str) -> Dic
     if kind == "image":
         from vlm_sweep.data.media import open_image
 
-        return {"type": "image", "image": open_image(resolve_media(part.get("image"), base, "dataset.path"))}
+        path = resolve_media(part.get("image"), base, "dataset.path", f"{where}.image")
+        return {"type": "image", "image": open_image(path)}
     if kind == "video":
-        return {"type": "video", "video": load_video(resolve_media(part.get("video"), base, "dataset.path"),
-                                                     dataset_cfg)}
+        path = resolve_media(part.get("video"), base, "dataset.path", f"{where}.video")
+        return {"type": "video", "video": load_video(path, dataset_cfg)}
     raise ValueError(f"{where} has unknown type {kind!r} (image, video or text)")
 
 

@@ -48,7 +48,7 @@ def to_conversation(record: Dict[str, Any], dataset_cfg: Any) -> Conversation:
     first_user = next((message for message in conversation if message["role"] == "user"), None)
     if first_user is None:
         raise ValueError("no human turn to carry the video")
-    path = resolve_media(record.get("video"), dataset_cfg.video_root_path, "dataset.video_root_path")
+    path = resolve_media(record.get("video"), dataset_cfg.video_root_path, "dataset.video_root_path", "'video'")
     first_user["content"].insert(0, {"type": "video", "video": load_video(path, dataset_cfg)})
     return conversation
 
