@@ -115,7 +115,7 @@ def test_packed_padding_is_what_the_packed_collator_runs(pack_length, receipts_d
         real, processed = real + int(batch["attention_mask"].sum()), processed + batch["input_ids"].numel()
     assert report.padding == (real, processed, 2)
     text = format_report(report)
-    assert f"packed into rows (dataset.pack_length={'None' if pack_length == 'null' else 512})" in text
+    assert f"packed into rows (dataset.pack_length={pack_length})" in text  # as the user writes it: null, 512
     assert f"{real} real of {processed} processed tokens" in text
 
 
