@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     import sys
 
-    from vlm_sweep.config.validate import check_cli_overrides, command_line_overrides, override_syntax_problem
+    from vlm_sweep.config.validate import command_line_overrides, override_problem
     from vlm_sweep.console import quiet_chatty_loggers
 
     quiet_chatty_loggers()  # e.g. MLflow's "Creating initial database tables" when a sweep opens its store
@@ -35,9 +35,7 @@ if __name__ == "__main__":
 
     # Not an override at all (a stray path), or a wrong key, type or group option: one line, before Hydra
     # composes or writes anything.
-    overrides = command_line_overrides(sys.argv[1:])
-    problem = override_syntax_problem(overrides) or check_cli_overrides(
-        overrides, conf_dir=Path(__file__).resolve().parent / "conf")
+    problem = override_problem(command_line_overrides(sys.argv[1:]), conf_dir=Path(__file__).resolve().parent / "conf")
     if problem:
         print(problem, file=sys.stderr)
         sys.exit(2)

@@ -107,10 +107,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"config error: --sample must be >= 1 (got {args.sample})", file=sys.stderr)
         return 2
     try:
-        from vlm_sweep.config.validate import check_cli_overrides
+        from vlm_sweep.config.validate import override_problem
 
         conf_dir = find_conf_dir()
-        problem = check_cli_overrides(args.overrides, conf_dir=conf_dir)
+        problem = override_problem(args.overrides, conf_dir=conf_dir)
         if problem:
             print(problem, file=sys.stderr)
             return 2

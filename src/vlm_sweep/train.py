@@ -127,7 +127,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     from vlm_sweep.data.collate import VLMCollator
     from vlm_sweep.data.datasets import build_datasets
     from vlm_sweep.data.loaders import build_loaders
-    from vlm_sweep.models.load import checked_source, load_model_and_processor, weightless_model
+    from vlm_sweep.models.load import checked_source, load_model_and_processor
     from vlm_sweep.models.registry import get_family
     from vlm_sweep.training.freeze import apply_freeze, trainable_by_component
     from vlm_sweep.training.peft_methods import apply_peft, check_peft
@@ -144,7 +144,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     # Cheap checks first: a model that cannot load, PEFT targets that do not exist on it, then the data
     # (a missing or unreadable data set is one line in seconds, not after minutes of loading a 12B model).
     source = checked_source(cfg.model)
-    check_peft(weightless_model(source, cfg.model), family, cfg.peft, cfg.freeze)
+    check_peft(source, cfg.model, family, cfg.peft, cfg.freeze)
     datasets = build_datasets(cfg.dataset)
     model, processor = load_model_and_processor(cfg.model, source)
     if cfg.parallel.activation_checkpointing:

@@ -42,10 +42,10 @@ def with_run_dataset(cfg: Any, overrides: List[str], run_config: Optional[dict])
 def check_overrides(overrides: List[str], conf: Path) -> None:
     """Raise ConfigError (one line naming the key) for an override that is not ``key=value`` or whose
     key, type or group option is wrong: the same checks ``launch.py`` runs before Hydra composes."""
-    from vlm_sweep.config.validate import check_cli_overrides, override_syntax_problem
+    from vlm_sweep.config.validate import override_problem
     from vlm_sweep.errors import ConfigError
 
-    problem = override_syntax_problem(overrides) or check_cli_overrides(overrides, conf_dir=conf)
+    problem = override_problem(overrides, conf_dir=conf)
     if problem:
         raise ConfigError(problem)
 

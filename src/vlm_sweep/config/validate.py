@@ -288,6 +288,12 @@ def check_cli_overrides(args: List[str], conf_dir: Optional[Path] = None) -> Opt
     return None
 
 
+def override_problem(overrides: List[str], conf_dir: Optional[Path] = None) -> Optional[str]:
+    """One line for the first override that is not ``key=value`` or whose key, type or group option is
+    wrong (what launch.py, evaluate and inspect check before Hydra composes); None when all are fine."""
+    return override_syntax_problem(overrides) or check_cli_overrides(overrides, conf_dir=conf_dir)
+
+
 # Hydra's command-line flags that take the next argument as their value (``--info`` only optionally).
 _HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                       "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}

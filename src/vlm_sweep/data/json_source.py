@@ -89,33 +89,34 @@ def check_split_names(found: Dict[str, List[Path]], dataset_cfg: Any) -> None:
                 f"(e.g. to {dataset_cfg.val_split or 'validation'}.jsonl) or set dataset.val_split={split}")
 
 
-def local_splits(dataset_cfg: Any) -> Optional[List[str]]:
-    """The splits of a local data file or directory of split files (names checked); None for other sources."""
+def _local_layout(dataset_cfg: Any) -> Optional[Dict[str, List[Path]]]:
+    """split -> files of a local data file (the one split ``train_split``) or directory of split files
+    (names checked); None for any other source."""
     local = Path(str(dataset_cfg.path))
     if local.is_file():
-        return [dataset_cfg.train_split]
+        return {dataset_cfg.train_split: [local]}
     found = split_files(local)
     if not found:
         return None
     check_split_names(found, dataset_cfg)
-    return list(found)
+    return found
+
+
+def local_splits(dataset_cfg: Any) -> Optional[List[str]]:
+    """The splits of a local data file or directory of split files (names checked); None for other sources."""
+    layout = _local_layout(dataset_cfg)
+    return None if layout is None else list(layout)
 
 
 def local_split_files(dataset_cfg: Any, split: str) -> Optional[List[Path]]:
     """The files holding ``split`` of a local file or directory of split files; None for other sources."""
-    local = Path(str(dataset_cfg.path))
-    if local.is_file():
-        if split != dataset_cfg.train_split:
-            raise ValueError(f"Unknown split {split!r}: a data file is the one split {dataset_cfg.train_split!r}")
-        return [local]
-    found = split_files(local)
-    if not found:
-        return None
-    check_split_names(found, dataset_cfg)
-    if split not in found:
-        have = ", ".join(path.name for files in found.values() for path in files)
-        raise ValueError(f"no {split!r} split file in it (expected {split}.jsonl, .json or .parquet; found {have})")
-    return found[split]
+    layout = _local_layout(dataset_cfg)
+    if layout is None or split in layout:
+        return None if layout is None else layout[split]
+    if Path(str(dataset_cfg.path)).is_file():
+        raise ValueError(f"Unknown split {split!r}: a data file is the one split {dataset_cfg.train_split!r}")
+    have = ", ".join(path.name for files in layout.values() for path in files)
+    raise ValueError(f"no {split!r} split file in it (expected {split}.jsonl, .json or .parquet; found {have})")
 
 
 def load_local(files: List[Path], dataset_cfg: Any, split: str) -> Any:

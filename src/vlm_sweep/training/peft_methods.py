@@ -37,11 +37,15 @@ PEFT_CONFIGS: Dict[str, Callable[[Any, ModelFamily, Any, Any], Any]] = {
 }
 
 
-def check_peft(skeleton: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any = None) -> None:
-    """Resolve the method's targets on a weightless copy of the model (``models.load.weightless_model``),
-    so a target error stops the run before the data and the weights load, not minutes later."""
+def check_peft(source: str, model_cfg: Any, family: ModelFamily, peft_cfg: Any, freeze_cfg: Any = None) -> None:
+    """Resolve the method's targets on a weightless copy of the model (``models.load.weightless_model``,
+    built only for a method with targets), so a target error stops the run before the data and the
+    weights load, not minutes later."""
+    from vlm_sweep.models.load import weightless_model
+
     build = PEFT_CONFIGS.get(peft_cfg.method)
-    if build is not None and skeleton is not None:
+    skeleton = weightless_model(source, model_cfg) if build is not None else None
+    if skeleton is not None:
         build(skeleton, family, peft_cfg, freeze_cfg)
 
 
