@@ -13,7 +13,9 @@ Gemma 3 and a ~30M one built locally the same way:
   (b) a bare PyTorch loop over the same batches, collated up front: the floor;
   (c) transformers.Trainer and (d) trl.SFTTrainer with the same model, LoRA, optimizer, schedule
       and batches;
-then loop (a) on the tiny model at micro batch 8, padded (length-grouped) vs packed (dataset.packing).
+then loop (a) on the tiny model at micro batch 8, padded (length-grouped) vs packed (dataset.packing),
+and loop (a) at each size in fp32, in bf16 autocast and with mixed_precision=auto (which must be the
+faster of the two, within noise).
 Memory, one fresh process per variant: one training step at Gemma 3 4B widths (seq 2048, 256
 labelled positions) with the old full-logits loss vs summed_token_loss; the ~30M model at seq 1024
 with and without activation checkpointing (same losses).
@@ -50,6 +52,12 @@ PACKING_BATCH = ["step_scheduler.micro_batch_size=8", "step_scheduler.global_bat
 PACKING = [("(a) padded, length-grouped (the default)", "", []),
            ("(e) packed, pack_length null (one row)", "-packed", ["dataset.packing=true"]),
            ("(f) packed, pack_length 512", "-packed512", ["dataset.packing=true", "dataset.pack_length=512"])]
+# Precision: vlm_sweep's loop in fp32, in bf16 autocast and as parallel.mixed_precision=auto picks (each size).
+PRECISION = [("(a) fp32 (mixed_precision=no)", "-fp32", ["parallel.mixed_precision=no"]),
+             ("(g) bf16 autocast (mixed_precision=bf16)", "-bf16", ["parallel.mixed_precision=bf16"]),
+             ("(h) mixed_precision=auto", "-auto", ["parallel.mixed_precision=auto"])]
+# auto must run within this factor of the faster of fp32 and bf16 (a wrong pick costs 0.6-0.85x here).
+AUTO_PRECISION_TARGET = 0.93
 # (size, seq, optimizer steps, rows) of the activation-checkpointing comparison.
 CKPT_SHAPE = {"full": ("30m", 1024, 3, 1), "quick": ("tiny", 256, 2, 1)}
 
@@ -63,6 +71,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: tiny 7, 30m 5)")
     parser.add_argument("--skip-memory", action="store_true", help="throughput only")
     parser.add_argument("--skip-packing", action="store_true", help="no packed-vs-padded comparison")
+    parser.add_argument("--skip-precision", action="store_true", help="no fp32-vs-bf16-vs-auto comparison")
     parser.add_argument("--profile", action="store_true", help="cProfile the real loop's timed steps")
     parser.add_argument("--log-dir", type=Path, default=None, help="worker logs (default outputs/bench/<time>)")
     args = parser.parse_args(argv)
@@ -115,6 +124,37 @@ def run_packing(args: argparse.Namespace) -> List[str]:
     header[0] = header[0].replace("Training throughput", "Packing vs padding, vlm_sweep's loop")
     return header + throughput_table("tiny", outcomes) + [
         "  real tokens/s: the padding packing removes is not counted as work; packing_efficiency is logged per step"]
+
+
+def run_precision(args: argparse.Namespace) -> Tuple[List[str], List[Check]]:
+    """fp32, bf16 and auto, same loop, same batches: auto must be (within noise) the faster of the two."""
+    lines, checks, shapes = [], [], {}
+    for size in args.sizes:
+        warmup, steps, rounds = schedule(size, args)
+        rounds = min(rounds, 5)
+        shapes[size] = (rounds, steps)
+        specs = [Spec(label, "real", extra, tag=tag) for label, tag, extra in PRECISION]
+        say(f"precision {size}: {len(specs)} loops, {rounds} interleaved rounds of {steps} steps each")
+        outcomes = interleave(specs, size, warmup=warmup, steps=steps, rounds=rounds, log_dir=args.log_dir,
+                              required=("real",), progress=lambda r: say(f"precision {size}: round {r}/{rounds} done"))
+        picked = picked_precision(args.log_dir / f"{size}-real-auto.log")
+        lines += throughput_table(size, outcomes) + [f"      auto picked: {picked}"]
+        fp32, bf16, auto = outcomes
+        worst = min(paired_ratio(auto, fp32), paired_ratio(auto, bf16))
+        checks.append(Check(f"precision: auto / the faster of fp32, bf16, {size}", worst, AUTO_PRECISION_TARGET,
+                            note=f"bf16 / fp32 {paired_ratio(bf16, fp32):.2f}x; auto picked {picked.split(' ')[0]}"))
+    header = throughput_header(shapes)
+    header[0] = header[0].replace("Training throughput", "Precision, vlm_sweep's loop")
+    return header + lines, checks
+
+
+def picked_precision(log: Path) -> str:
+    """What the auto run logged it chose, and why ("bf16 (parallel.mixed_precision=auto; ...)")."""
+    marker = "mixed precision: "
+    for line in log.read_text(errors="replace").splitlines():
+        if marker in line:
+            return line.split(marker, 1)[1]
+    return "? (not in the worker's log)"
 
 
 def throughput_checks(size: str, by: Dict[str, Outcome]) -> List[Check]:
@@ -213,6 +253,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         checks += more
         if not args.skip_packing and "tiny" in args.sizes:
             lines += run_packing(args) + [""]
+        if not args.skip_precision:
+            got, more = run_precision(args)
+            lines += got + [""]
+            checks += more
         if not args.skip_memory:
             got, more = run_memory(args)
             lines += got + [""]

@@ -287,14 +287,6 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(lines)[:300]}"
 
 
-def _reset_accelerate() -> None:
-    """Each run makes its Accelerator afresh (the recipe's own); drop the previous run's shared state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-
-
 def bench_model(name: str, args: argparse.Namespace, work: Path, deadline: float) -> List[Row]:
     """Build one model's checkpoint, run each mode on it; errors (OOM, ...) become rows."""
     from vlm_sweep.models.load import resolve_source
@@ -319,8 +311,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, deadline: float
             rows.append(run_one(spec, name, mode, checkpoint, args, work))
         except Exception as err:  # report it, go on with the next run
             rows.append(Row(name, mode, spec.hub_id, error=_one_line(err)))
-        finally:
-            _reset_accelerate()
+        finally:  # the next run's recipe makes its Accelerator afresh (train._make_accelerator)
             _free_device_memory()
     shutil.rmtree(checkpoint, ignore_errors=True)
     _free_device_memory()

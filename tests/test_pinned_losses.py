@@ -65,7 +65,7 @@ def test_default_run_first_losses_are_pinned(tmp_path):
     from vlm_sweep.train import run
 
     data = _write_receipts(tmp_path / "receipts")
-    # fp32 explicitly (auto is fp32 on every CPU too): the pins are fp32 numbers whatever the default becomes.
+    # fp32 explicitly: the pins are fp32 numbers whatever auto picks on the CPU the test lands on.
     cfg = compose(["tracking=none", "eval=none", "step_scheduler.max_steps=3", "step_scheduler.ckpt_every_steps=3",
                    f"dataset.path={data}", "dataset.synthetic=null", "dataset.val_split=null",
                    "parallel.mixed_precision=no"])

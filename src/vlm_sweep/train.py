@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,31 +43,35 @@ def resolved_config(cfg: DictConfig) -> Dict[str, Any]:
     return redact(OmegaConf.to_container(cfg, resolve=True))
 
 
-def resolved_precision(parallel_cfg: Any) -> str:
-    """auto -> bf16 on a bf16 GPU, else no (fp32).
+def run_precision(parallel_cfg: Any, source: str, model_cfg: Any) -> Tuple[str, str]:
+    """(Accelerate's mixed_precision, why): ``auto`` decided for this device and this model's width
+    (training.precision)."""
+    from vlm_sweep.models.load import language_width
+    from vlm_sweep.training.precision import resolve_precision
 
-    fp32 on every CPU, even one with AVX512-BF16/AMX: a CPU run is a smoke test, a demo or a test,
-    whose numbers must not depend on the CPU it lands on, and bf16 autocast measured slower than
-    fp32 on such a CPU for the tiny models (docs/performance.md). ``parallel.mixed_precision=bf16``
-    still asks for it.
-    """
-    import torch
-
-    precision = parallel_cfg.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return precision
+    auto = parallel_cfg.mixed_precision == "auto"
+    return resolve_precision(parallel_cfg.mixed_precision, language_width(source, model_cfg) if auto else None)
 
 
-def _make_accelerator(parallel_cfg: Any) -> Any:
+def _make_accelerator(parallel_cfg: Any, precision: str, why: str) -> Any:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    from accelerate.state import AcceleratorState, GradientState
+
+    from vlm_sweep.training.precision import precision_name
+
+    # Each run makes its Accelerator afresh: jobs of one sweep in one process (Hydra's basic launcher,
+    # tests) may differ in precision, which Accelerate's shared state would refuse. The process group
+    # (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    log.info("mixed precision: %s (parallel.mixed_precision=%s; %s)", precision_name(precision),
+             parallel_cfg.mixed_precision, why)
     # Under FSDP2 the sharding policy casts parameters; Accelerate's autocast stays off.
-    precision = "no" if parallel_cfg.strategy == "fsdp" else resolved_precision(parallel_cfg)
-    log.info("mixed precision: %s (parallel.mixed_precision=%s)", "fp32" if precision == "no" else precision,
-             parallel_cfg.mixed_precision)
+    if parallel_cfg.strategy == "fsdp":
+        precision = "no"
     from accelerate.utils import DistributedDataParallelKwargs
 
     # A rank whose batch has no image leaves the vision tower without gradients: DDP must know, or the
@@ -133,17 +137,18 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     from vlm_sweep.training.peft_methods import apply_peft, check_peft
     from vlm_sweep.training.optim import build_optimizer, build_scheduler
 
-    accelerator = _make_accelerator(cfg.parallel)
+    # Cheap checks first: a model that cannot load (and its width, which auto precision needs), a dead or
+    # wrong tracking store, PEFT targets that do not exist on the model, then the data (a missing or
+    # unreadable data set is one line in seconds, not after minutes of loading a 12B model).
+    source = checked_source(cfg.model)
+    precision, why = run_precision(cfg.parallel, source, cfg.model)
+    accelerator = _make_accelerator(cfg.parallel, precision, why)
     set_seed(cfg.seed)
     family = get_family(cfg.model.family)
-    if accelerator.is_main_process:  # a dead or wrong tracking store: one line, before the model loads
+    if accelerator.is_main_process:
         from vlm_sweep.tracking import check_tracking
 
         check_tracking(cfg.tracking, cfg.paths.output_root)
-
-    # Cheap checks first: a model that cannot load, PEFT targets that do not exist on it, then the data
-    # (a missing or unreadable data set is one line in seconds, not after minutes of loading a 12B model).
-    source = checked_source(cfg.model)
     check_peft(source, cfg.model, family, cfg.peft, cfg.freeze)
     datasets = build_datasets(cfg.dataset)
     model, processor = load_model_and_processor(cfg.model, source)
@@ -177,7 +182,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     if cfg.parallel.strategy == "fsdp":
         from vlm_sweep.training.distributed import shard_with_fsdp2, sharding_summary
 
-        model = shard_with_fsdp2(model, resolved_precision(cfg.parallel))
+        model = shard_with_fsdp2(model, precision)
         optimizer = build_optimizer(model, cfg.optimizer)  # over the sharded (DTensor) parameters
         summary = sharding_summary(model)
         log.info("FSDP2 rank %d holds %s of %s parameter elements", accelerator.process_index,

@@ -91,6 +91,25 @@ def resolve_attention(setting: Optional[str]) -> Optional[str]:
     return "sdpa"
 
 
+def model_config(source: str, model_cfg: Any) -> Any:
+    """The model's transformers config (config.json only: no weights read)."""
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(source, revision=model_cfg.revision,
+                                                   trust_remote_code=model_cfg.trust_remote_code)
+
+
+def language_width(source: str, model_cfg: Any) -> Optional[int]:
+    """The language model's hidden size from its config, None where the config cannot be read here
+    (the model load that follows reports why)."""
+    from vlm_sweep.training.precision import language_hidden_size
+
+    try:
+        return language_hidden_size(model_config(source, model_cfg))
+    except Exception:  # noqa: BLE001 - best effort, as weightless_model
+        return None
+
+
 def weightless_model(source: str, model_cfg: Any) -> Optional[Any]:
     """The model's modules and parameter names on the meta device (no weights read, no memory), from its
     config alone; None where that cannot be built ahead of the real load (which then reports why)."""
@@ -99,8 +118,7 @@ def weightless_model(source: str, model_cfg: Any) -> Optional[Any]:
 
     family = get_family(model_cfg.family)
     try:
-        config = transformers.AutoConfig.from_pretrained(source, revision=model_cfg.revision,
-                                                         trust_remote_code=model_cfg.trust_remote_code)
+        config = model_config(source, model_cfg)
         with torch.device("meta"):
             return getattr(transformers, family.auto_model_class).from_config(
                 config, trust_remote_code=model_cfg.trust_remote_code)

@@ -1,0 +1,85 @@
+"""parallel.mixed_precision=auto: bf16 where the device runs it well, fp32 elsewhere, and the log says why."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from conftest import FAMILIES, compose
+from vlm_sweep.training import precision
+from vlm_sweep.training.precision import CPU_BF16_MIN_HIDDEN, language_hidden_size, resolve_precision
+
+
+@pytest.mark.parametrize("cuda, gpu_bf16, cpu_bf16, hidden, expected", [
+    (True, True, None, 64, "bf16"),            # a bf16 GPU: always (tiny or not)
+    (True, False, None, 4096, "no"),           # a V100: no bf16
+    (False, None, None, 4096, "no"),           # a CPU without bf16 instructions
+    (False, None, "AVX512-BF16", 2560, "bf16"),  # Gemma 3 4B on a bf16 CPU
+    (False, None, "AMX", CPU_BF16_MIN_HIDDEN, "bf16"),
+    (False, None, "AVX512-BF16", CPU_BF16_MIN_HIDDEN - 1, "no"),  # too narrow to pay for the casts
+    (False, None, "AVX512-BF16", None, "bf16"),  # width unknown: taken as a real model's
+])
+def test_auto_follows_the_device_and_the_model_width(monkeypatch, cuda, gpu_bf16, cpu_bf16, hidden, expected):
+    monkeypatch.setattr(precision, "cpu_bf16_instructions", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_bf16)
+    chosen, why = resolve_precision("auto", hidden, cuda=cuda)
+    assert chosen == expected
+    assert why.startswith("auto:") and (cpu_bf16 or "GPU" in why or "no native bf16" in why)
+
+
+@pytest.mark.parametrize("requested", ["no", "bf16", "fp16"])
+def test_an_explicit_precision_is_taken_as_written(monkeypatch, requested):
+    monkeypatch.setattr(precision, "cpu_bf16_instructions", lambda: "AMX")
+    assert resolve_precision(requested, 64, cuda=False) == (requested, "as configured")
+
+
+@pytest.mark.parametrize("family_config", FAMILIES)
+def test_the_width_read_is_the_language_models_for_every_family(family_config):
+    """The config lookup must find the text model (not the vision tower's narrower config) in every
+    family's layout: the width it reads is the loaded model's input-embedding width."""
+    from vlm_sweep.models.load import language_width, load_model, resolve_source
+
+    model_cfg = compose([f"model={family_config}"]).model
+    source = resolve_source(model_cfg)
+    width = language_width(source, model_cfg)
+    model = load_model(source, model_cfg)
+    assert width == model.get_input_embeddings().weight.shape[1]
+
+
+def test_every_published_family_config_is_above_the_cpu_line():
+    """The hub models users fine-tune are all wide enough for bf16 on a bf16 CPU (their default
+    configs, built from the real config classes; no hub needed)."""
+    from transformers import Gemma3Config, Qwen2_5_VLConfig
+
+    for config in (Gemma3Config(), Qwen2_5_VLConfig()):
+        assert language_hidden_size(config) >= 1024
+
+
+def _first_loss_and_log(tmp_path, caplog, name, extra):
+    from vlm_sweep.train import run
+
+    cfg = compose(["tracking=none", "eval=none", "dataset.val_split=null", "dataset.preflight_samples=0",
+                   "step_scheduler.max_steps=1", "checkpoint.enabled=false", *extra])
+    with caplog.at_level(logging.INFO, logger="vlm_sweep.train"):
+        assert run(cfg, tmp_path / name).status == "FINISHED"
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("mixed precision:"))
+    caplog.clear()
+    rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return json.loads(rows[0])["loss"], line
+
+
+def test_a_bf16_run_on_the_cpu_autocasts_and_auto_says_why(tmp_path, caplog):
+    """bf16 on a CPU really runs under autocast (the first loss moves, a little), and auto's choice for
+    the 64-wide tiny model is logged with its reason."""
+    fp32, fp32_line = _first_loss_and_log(tmp_path, caplog, "fp32", ["parallel.mixed_precision=no"])
+    bf16, bf16_line = _first_loss_and_log(tmp_path, caplog, "bf16", ["parallel.mixed_precision=bf16"])
+    auto, auto_line = _first_loss_and_log(tmp_path, caplog, "auto", [])
+    assert fp32_line.startswith("mixed precision: fp32 (parallel.mixed_precision=no")
+    assert bf16_line.startswith("mixed precision: bf16 (parallel.mixed_precision=bf16")
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=2e-2)
+    expected, why = resolve_precision("auto", 64)
+    assert auto_line.endswith(f"(parallel.mixed_precision=auto; {why})")
+    assert auto == (fp32 if expected == "no" else bf16)
