@@ -166,3 +166,24 @@ def test_torch_save_checkpoints_load_and_generate(tmp_path, receipt, peft):
         torch.testing.assert_close(params[name], tensor)
     batch = _batch(loaded.processor, receipt)
     assert torch.isfinite(_logits(loaded.model, batch)).all()
+
+
+def test_an_evaluation_outlives_the_checkpoint_it_scored(tmp_path):
+    """evaluate's default output sits beside a run's checkpoints, not in them: when the run goes on and
+    checkpoint.keep_last prunes the scored step, the predictions and summary stay."""
+    from vlm_sweep.cli.evaluate import main as evaluate
+
+    run_dir = tmp_path / "run"
+    base = ["tracking=none", "eval=none", "dataset.max_val_samples=2", "step_scheduler.ckpt_every_steps=1",
+            "step_scheduler.val_every_steps=1000", "checkpoint.keep_last=1"]
+    cfg = compose(base + ["step_scheduler.max_steps=1"])
+    run(cfg, run_dir)
+    assert evaluate(["--checkpoint", str(run_dir), "--max-samples", "2", "--max-new-tokens", "4",
+                     "dataset.split=test"]) == 0
+    out = run_dir / "evaluations" / f"step_1_eval_{cfg.dataset.name}_test"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_samples"] == 2 and (out / "predictions.jsonl").is_file()
+
+    assert run(compose(base + ["step_scheduler.max_steps=2"]), run_dir).step == 2  # resumes, saves step_2
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_2"]
+    assert json.loads((out / "summary.json").read_text()) == summary

@@ -10,7 +10,8 @@ import torch
 
 from conftest import FAMILIES, compose
 from vlm_sweep.training import precision
-from vlm_sweep.training.precision import CPU_BF16_MIN_HIDDEN, language_hidden_size, resolve_precision
+from vlm_sweep.models.load import language_hidden_size
+from vlm_sweep.training.precision import CPU_BF16_MIN_HIDDEN, resolve_precision
 
 
 @pytest.mark.parametrize("cuda, gpu_bf16, cpu_bf16, hidden, expected", [

@@ -37,6 +37,7 @@ TRACKING = "tracking.json"
 JOB_STATUS = "job_status.json"
 JOB_NAME = "launch"  # Hydra names the job (and its log) after the script, launch.py
 CHECKPOINTS = "checkpoints"
+EVALUATIONS = "evaluations"  # `evaluate` results for the run's checkpoints (outside them: keep_last prunes those)
 SWEEP_PARENT = "mlflow_parent.json"
 # -- checkpoints dir --
 LATEST = "LATEST"
@@ -153,8 +154,21 @@ def sharding_file(rank: int) -> str:
 
 
 def eval_dir_name(dataset: str, split: str) -> str:
-    """The default evaluation output dir, inside the step dir it scores."""
+    """The name of an evaluation's default output dir (see ``default_eval_dir``)."""
     return f"eval_{dataset}_{split}"
+
+
+def default_eval_dir(model_dir: Path, step_dir: Optional[Path], dataset: str, split: str) -> Path:
+    """Where ``evaluate`` writes by default.
+
+    A run's checkpoint: ``<run>/evaluations/<step_N>_eval_<dataset>_<split>``, beside the checkpoints
+    rather than in them, so ``checkpoint.keep_last`` pruning the step (the run goes on, or resumes)
+    never takes the results with it. Anything else (an export, a model dir): inside that dir.
+    """
+    name = eval_dir_name(dataset, split)
+    if step_dir is not None and step_dir.parent.name == CHECKPOINTS:
+        return step_dir.parent.parent / EVALUATIONS / f"{step_dir.name}_{name}"
+    return (step_dir or model_dir) / name
 
 
 def read_pointer(root: PathLike, which: str) -> Optional[str]:
@@ -211,6 +225,7 @@ class RunDir:
     tracking = _under(TRACKING)
     job_status = _under(JOB_STATUS)
     checkpoints = _under(CHECKPOINTS)
+    evaluations = _under(EVALUATIONS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))

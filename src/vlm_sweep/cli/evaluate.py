@@ -6,7 +6,8 @@
 Hydra-style overrides select the data set (default: the one the checkpoint was trained
 on, with its settings, e.g. a local ``dataset.path``; ``dataset.<key>=`` overrides one).
 Writes ``predictions.jsonl`` (one row per record) and ``summary.json`` to ``--output-dir``
-(default ``<checkpoint>/eval_<dataset>_<split>``) and prints the metrics; ``--compare-base``
+(default ``<run>/evaluations/step_<N>_eval_<dataset>_<split>`` for a run's checkpoint, kept when
+``checkpoint.keep_last`` prunes the step; ``<model dir>/eval_<dataset>_<split>`` otherwise) and prints the metrics; ``--compare-base``
 puts the untrained base model's metrics next to them; ``--examples N`` prints the first N
 records' ground truth and answer one above the other and saves their images under ``examples/``. The config is composed from the
 conf/ shipped with the installed package, so this runs from any directory.

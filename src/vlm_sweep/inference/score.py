@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from vlm_sweep.data.formats import assistant_texts
 from vlm_sweep.data.sets import get_spec
 from vlm_sweep.inference.generate import SamplingConfig, generate, prompt_part
-from vlm_sweep.rundir import EVAL_PREDICTIONS, EVAL_SUMMARY, eval_dir_name, find_model_dir
+from vlm_sweep.rundir import EVAL_PREDICTIONS, EVAL_SUMMARY, default_eval_dir, find_model_dir
 
 Metrics = Dict[str, float]
 Rows = List[Dict[str, Any]]
@@ -113,7 +113,7 @@ def score_checkpoint(checkpoint: str, loaded: Any, cfg: Any, *, sampling: Sampli
     """Score the ``loaded`` checkpoint (``load_for_inference(checkpoint)``) on ``cfg.dataset``'s split
     (a composed, validated config: ``config.compose.compose_eval_config``) and write the results.
 
-    Output goes to ``output_dir`` (default ``<step dir>/eval_<dataset>_<split>``).
+    Output goes to ``output_dir`` (default: ``rundir.default_eval_dir``, beside a run's checkpoints).
     """
     from vlm_sweep.data.processor_kwargs import MediaKwargs
 
@@ -132,8 +132,8 @@ def score_checkpoint(checkpoint: str, loaded: Any, cfg: Any, *, sampling: Sampli
     results["fine-tuned"], rows_by_model["fine-tuned"] = score(loaded.model, loaded.processor)
 
     model_dir, step_dir = find_model_dir(checkpoint)
-    out = Path(output_dir) if output_dir else (
-        (step_dir or model_dir) / eval_dir_name(cfg.dataset.name, cfg.dataset.split))
+    out = Path(output_dir) if output_dir else default_eval_dir(model_dir, step_dir, cfg.dataset.name,
+                                                               cfg.dataset.split)
     summary = {"checkpoint": checkpoint, "dataset": cfg.dataset.name, "dataset_path": str(cfg.dataset.path),
                "split": cfg.dataset.split, "num_samples": len(samples), "metrics": results}
     _write(out, rows_by_model, summary)

@@ -99,11 +99,16 @@ def model_config(source: str, model_cfg: Any) -> Any:
                                                    trust_remote_code=model_cfg.trust_remote_code)
 
 
+def language_hidden_size(config: Any) -> Optional[int]:
+    """Hidden size of a model config's language model (the text config of a VLM), None if it has none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "hidden_size", None)
+    return size if isinstance(size, int) else None
+
+
 def language_width(source: str, model_cfg: Any) -> Optional[int]:
     """The language model's hidden size from its config, None where the config cannot be read here
     (the model load that follows reports why)."""
-    from vlm_sweep.training.precision import language_hidden_size
-
     try:
         return language_hidden_size(model_config(source, model_cfg))
     except Exception:  # noqa: BLE001 - best effort, as weightless_model

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -32,13 +32,6 @@ def cpu_bf16_instructions() -> Optional[str]:
         if check is not None and check():
             return name
     return None
-
-
-def language_hidden_size(model_config: Any) -> Optional[int]:
-    """Hidden size of the model's language model (the text config of a VLM), None if it has none."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    size = getattr(text, "hidden_size", None)
-    return size if isinstance(size, int) else None
 
 
 def resolve_precision(requested: str, hidden_size: Optional[int], cuda: Optional[bool] = None
