@@ -51,6 +51,9 @@ def test_default_run_trains_checkpoints_and_tracks(tmp_path, mlflow_uri):
     assert mlrun.info.status == "FINISHED"
     assert float(mlrun.data.params["optimizer.lr"]) == 3e-3
     assert mlrun.data.params["model.family"] == "gemma3"
+    # The precision auto resolved to on this machine (the 64-wide tiny model: fp32 on any CPU).
+    assert mlrun.data.params["parallel.mixed_precision"] == "auto"
+    assert mlrun.data.params["compute_precision"] == "fp32"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 31))
     assert len(client.get_metric_history(run_id, "val_loss")) == 2
     # Generation-based task metrics at the end (eval.every_steps=150 > max_steps).

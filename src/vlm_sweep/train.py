@@ -122,6 +122,7 @@ class RunParts:
     datasets: Dict[str, Any]
     collator: Any
     counts: Dict[str, int]
+    precision: str = "no"  # what parallel.mixed_precision resolved to (Accelerate's name: no | bf16 | fp16)
 
 
 def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
@@ -202,7 +203,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
         model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.step_scheduler.max_steps, cfg.optimizer.lr)
     return RunParts(accelerator, model, processor, optimizer, scheduler, train_loader, val_loader,
-                    datasets, collator, counts)
+                    datasets, collator, counts, precision)
 
 
 def _open_tracker(cfg: DictConfig, run_dir: Path, parts: RunParts, resumed_at: Optional[int],
@@ -230,7 +231,11 @@ def _open_tracker(cfg: DictConfig, run_dir: Path, parts: RunParts, resumed_at: O
     if main and tracker.run_id:
         atomic_write(tracking_file, json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}))
         if resumed_at is None or previous_run is None:
-            tracker.log_params({**flatten(config_data), **parts.counts})
+            from vlm_sweep.training.precision import precision_name
+
+            # What auto resolved to on this machine, next to the config's own "auto".
+            tracker.log_params({**flatten(config_data), **parts.counts,
+                                "compute_precision": precision_name(parts.precision)})
             tracker.log_artifact(str(RunDir(run_dir).config))
         else:
             tracker.backfill(metrics_file, through_step=resumed_at)
