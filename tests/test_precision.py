@@ -84,3 +84,44 @@ def test_a_bf16_run_on_the_cpu_autocasts_and_auto_says_why(tmp_path, caplog):
     expected, why = resolve_precision("auto", 64)
     assert auto_line.endswith(f"(parallel.mixed_precision=auto; {why})")
     assert auto == (fp32 if expected == "no" else bf16)
+
+
+@pytest.mark.parametrize("cuda, gpu_bf16, started_in, fresh_cpu_bf16, expected", [
+    (False, None, "bf16", None, "bf16"),   # checkpointed on a bf16 CPU, requeued on an AVX2 one: stays bf16
+    (False, None, "no", "AMX", "no"),      # checkpointed in fp32, requeued on an AMX node: stays fp32
+    (True, False, "bf16", None, "no"),     # requeued on a GPU without bf16: cannot keep it
+    (True, True, "bf16", None, "bf16"),
+])
+def test_a_resumed_auto_run_keeps_its_checkpoints_precision(monkeypatch, cuda, gpu_bf16, started_in,
+                                                            fresh_cpu_bf16, expected):
+    monkeypatch.setattr(precision, "cpu_bf16_instructions", lambda: fresh_cpu_bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_bf16)
+    chosen, why = resolve_precision("auto", 2560, cuda=cuda, started_in=started_in)
+    assert chosen == expected
+    fresh, _ = resolve_precision("auto", 2560, cuda=cuda)
+    assert ("kept" in why) == (chosen != fresh)
+
+
+def test_a_run_checkpointed_in_bf16_resumes_in_bf16_on_a_machine_where_auto_says_fp32(tmp_path, caplog,
+                                                                                        monkeypatch):
+    """The first part runs where auto picks bf16 (the line lowered below the tiny model's width, the CPU
+    said to have AMX); the resume runs here, where auto alone picks fp32 for it. The checkpoints record
+    bf16 and the resumed run keeps it, saying so."""
+    from vlm_sweep.train import run
+
+    base = ["tracking=none", "eval=none", "dataset.val_split=null", "dataset.preflight_samples=0",
+            "step_scheduler.ckpt_every_steps=1"]
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(precision, "CPU_BF16_MIN_HIDDEN", 32)
+        m.setattr(precision, "cpu_bf16_instructions", lambda: "AMX")
+        assert run(compose(base + ["step_scheduler.max_steps=1"]), run_dir).status == "FINISHED"
+    monkeypatch.setattr(precision, "cpu_bf16_instructions", lambda: None)  # an AVX2 node
+    with caplog.at_level(logging.INFO, logger="vlm_sweep.train"):
+        assert run(compose(base + ["step_scheduler.max_steps=2"]), run_dir).step == 2
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("mixed precision:"))
+    assert line.startswith("mixed precision: bf16 (parallel.mixed_precision=auto; auto: kept bf16")
+    for step in (1, 2):
+        state = json.loads((run_dir / "checkpoints" / f"step_{step}" / "training_state" / "trainer_state.json")
+                           .read_text())
+        assert state["compute_precision"] == "bf16"

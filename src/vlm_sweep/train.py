@@ -43,14 +43,18 @@ def resolved_config(cfg: DictConfig) -> Dict[str, Any]:
     return redact(OmegaConf.to_container(cfg, resolve=True))
 
 
-def run_precision(parallel_cfg: Any, source: str, model_cfg: Any) -> Tuple[str, str]:
-    """(Accelerate's mixed_precision, why): ``auto`` decided for this device and this model's width
-    (training.precision)."""
+def run_precision(parallel_cfg: Any, source: str, model_cfg: Any, resume_from: Optional[Path] = None
+                  ) -> Tuple[str, str]:
+    """(Accelerate's mixed_precision, why): ``auto`` decided for this device, this model's width and the
+    precision a resumed checkpoint was trained in (training.precision)."""
     from vlm_sweep.models.load import language_width
+    from vlm_sweep.training.checkpoint import trained_precision
     from vlm_sweep.training.precision import resolve_precision
 
-    auto = parallel_cfg.mixed_precision == "auto"
-    return resolve_precision(parallel_cfg.mixed_precision, language_width(source, model_cfg) if auto else None)
+    if parallel_cfg.mixed_precision != "auto":
+        return resolve_precision(parallel_cfg.mixed_precision, None)
+    return resolve_precision("auto", language_width(source, model_cfg),
+                             started_in=trained_precision(resume_from) if resume_from else None)
 
 
 def _make_accelerator(parallel_cfg: Any, precision: str, why: str) -> Any:
@@ -125,8 +129,9 @@ class RunParts:
     precision: str = "no"  # what parallel.mixed_precision resolved to (Accelerate's name: no | bf16 | fp16)
 
 
-def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
-    """Model, data, optimizer: everything heavy, before the run's records change."""
+def _build(cfg: DictConfig, run_dir: Path, resume_from: Optional[Path] = None) -> RunParts:
+    """Model, data, optimizer: everything heavy, before the run's records change (``resume_from``: the
+    checkpoint the run continues from, whose precision auto keeps)."""
     from accelerate.utils import set_seed
 
     from vlm_sweep.data.collate import VLMCollator
@@ -142,7 +147,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> RunParts:
     # wrong tracking store, PEFT targets that do not exist on the model, then the data (a missing or
     # unreadable data set is one line in seconds, not after minutes of loading a 12B model).
     source = checked_source(cfg.model)
-    precision, why = run_precision(cfg.parallel, source, cfg.model)
+    precision, why = run_precision(cfg.parallel, source, cfg.model, resume_from)
     accelerator = _make_accelerator(cfg.parallel, precision, why)
     set_seed(cfg.seed)
     family = get_family(cfg.model.family)
@@ -268,13 +273,14 @@ class FinetuneRecipe:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resume_from = resume_point(cfg.checkpoint, self.run_dir)  # a wrong checkpoint.resume: one line, now
-        self.parts = parts = _build(cfg, self.run_dir)
+        self.parts = parts = _build(cfg, self.run_dir, resume_from)
         self.config_data = resolved_config(cfg)
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.create(self.config_data))
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, accelerator=parts.accelerator,
                                          processor=parts.processor, optimizer=parts.optimizer,
                                          scheduler=parts.scheduler, dataloader=parts.train_loader,
-                                         config_yaml=self.config_yaml, resume_from=resume_from)
+                                         config_yaml=self.config_yaml, resume_from=resume_from,
+                                         precision=parts.precision)
         self.trainer = Trainer(settings=TrainerSettings.from_config(cfg), accelerator=parts.accelerator,
                                model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
                                train_loader=parts.train_loader, val_loader=parts.val_loader, tracker=NullTracker(),

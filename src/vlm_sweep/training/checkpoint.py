@@ -48,9 +48,12 @@ from vlm_sweep.training.distributed import (full_model_state, full_optimizer_sta
 
 __all__ = ["CheckpointError", "best_checkpoint", "is_better", "latest_checkpoint",
            "load_checkpoint", "mark_best", "prune_checkpoints", "resolve_resume", "save_checkpoint",
-           "step_dirs", "trained_weights", "verify_checkpoint"]
+           "step_dirs", "trained_precision", "trained_weights", "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
+
+# The trainer-state key holding the compute precision a checkpoint was trained in (Accelerate's name).
+PRECISION_KEY = "compute_precision"
 
 
 def _fsync_tree(path: Path) -> None:
@@ -273,6 +276,15 @@ def save_checkpoint(
         prune_checkpoints(root, checkpoint_cfg.keep_last, keep=name)
     accelerator.wait_for_everyone()
     return final
+
+
+def trained_precision(path: Path) -> Optional[str]:
+    """The compute precision a checkpoint was trained in (Accelerate's name), None if it does not say
+    (written before it was recorded) or cannot be read (load_checkpoint reports that)."""
+    try:
+        return json.loads(CheckpointDir(path).trainer_state.read_text()).get(PRECISION_KEY)
+    except (OSError, ValueError):
+        return None
 
 
 def load_checkpoint(

@@ -36,14 +36,16 @@ class Checkpointer:
 
     def __init__(self, checkpoint_cfg: Any, run_dir: Path, *, accelerator: Any, processor: Any,
                  optimizer: Any, scheduler: Any, dataloader: Any, config_yaml: str,
-                 resume_from: Optional[Path] = None) -> None:
-        """``resume_from``: ``resume_point``'s answer, taken before the model loaded."""
+                 resume_from: Optional[Path] = None, precision: Optional[str] = None) -> None:
+        """``resume_from``: ``resume_point``'s answer, taken before the model loaded; ``precision``: the
+        run's compute precision, recorded in each checkpoint (a resumed auto run keeps it)."""
         self.root = checkpoint_root(checkpoint_cfg, run_dir)
         self.resume_from = resume_from
         self.cfg = checkpoint_cfg
         self.acc, self.processor = accelerator, processor
         self.optimizer, self.scheduler, self.dataloader = optimizer, scheduler, dataloader
         self.config_yaml = config_yaml
+        self.precision = precision
         self.last_saved: Optional[Path] = None
         self.resumed_at: Optional[int] = None  # the step a resumed run continues from; None: a fresh start
 
@@ -80,5 +82,6 @@ class Checkpointer:
         self.last_saved = ckpt.save_checkpoint(
             self.root, trainer.step, accelerator=self.acc, model=trainer.model, processor=self.processor,
             optimizer=self.optimizer, scheduler=self.scheduler, dataloader=self.dataloader,
-            trainer_state=trainer.trainer_state(), config_yaml=self.config_yaml, checkpoint_cfg=self.cfg,
+            trainer_state={**trainer.trainer_state(), ckpt.PRECISION_KEY: self.precision},
+            config_yaml=self.config_yaml, checkpoint_cfg=self.cfg,
             is_best=is_best)

@@ -11,6 +11,7 @@
   512; every hub model is far above the line (docs/performance.md, ``make bench`` checks it);
 - anything else (a CPU without bf16 instructions, a GPU without bf16): fp32.
 
+A resumed run keeps the precision its checkpoint was trained in where the device runs it.
 ``no``, ``bf16`` and ``fp16`` are taken as written.
 """
 
@@ -34,15 +35,28 @@ def cpu_bf16_instructions() -> Optional[str]:
     return None
 
 
-def resolve_precision(requested: str, hidden_size: Optional[int], cuda: Optional[bool] = None
-                      ) -> Tuple[str, str]:
+def resolve_precision(requested: str, hidden_size: Optional[int], cuda: Optional[bool] = None,
+                      started_in: Optional[str] = None) -> Tuple[str, str]:
     """(Accelerate's mixed_precision: ``no``/``bf16``/``fp16``, the reason in words) for this device.
 
     ``hidden_size``: the language model's width (None: unknown, taken as a real model's).
+    ``started_in``: what a resumed run's checkpoint was trained in. auto keeps it wherever this device
+    can run it, so a run requeued onto another kind of machine continues its loss curve in the same
+    arithmetic instead of silently switching.
     """
     if requested != "auto":
         return requested, "as configured"
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    fresh, why = _auto_precision(hidden_size, cuda)
+    if started_in is None or started_in == fresh:
+        return fresh, why
+    if started_in == "no" or (started_in == "bf16" and (not cuda or torch.cuda.is_bf16_supported())):
+        return started_in, (f"auto: kept {precision_name(started_in)}, what the resumed checkpoint was trained in "
+                            f"(on this machine auto alone picks {precision_name(fresh)})")
+    return fresh, f"{why}; the resumed checkpoint was trained in {precision_name(started_in)}, which this device lacks"
+
+
+def _auto_precision(hidden_size: Optional[int], cuda: bool) -> Tuple[str, str]:
     if cuda:
         if torch.cuda.is_bf16_supported():
             return "bf16", "auto: the GPU runs bf16"
