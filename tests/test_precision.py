@@ -31,10 +31,12 @@ def test_auto_follows_the_device_and_the_model_width(monkeypatch, cuda, gpu_bf16
     assert why.startswith("auto:") and (cpu_bf16 or "GPU" in why or "no native bf16" in why)
 
 
-@pytest.mark.parametrize("requested", ["no", "bf16", "fp16"])
-def test_an_explicit_precision_is_taken_as_written(monkeypatch, requested):
+@pytest.mark.parametrize("requested, accelerate_name", [("no", "no"), ("fp32", "no"), ("bf16", "bf16"),
+                                                       ("fp16", "fp16")])
+def test_an_explicit_precision_is_taken_as_written(monkeypatch, requested, accelerate_name):
+    """fp32 (what the log calls it) means no autocast, as no does."""
     monkeypatch.setattr(precision, "cpu_bf16_instructions", lambda: "AMX")
-    assert resolve_precision(requested, 64, cuda=False) == (requested, "as configured")
+    assert resolve_precision(requested, 64, cuda=False, started_in="bf16") == (accelerate_name, "as configured")
 
 
 @pytest.mark.parametrize("family_config", FAMILIES)

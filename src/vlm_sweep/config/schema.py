@@ -142,7 +142,7 @@ class ParallelConfig:
     """Data-parallel strategy; processes come from torchrun/SLURM."""
 
     strategy: str = "single"  # single | ddp | fsdp (FSDP2: parameters sharded across ranks)
-    # auto: bf16 on a bf16 GPU or a native-bf16 CPU for a model >= 128 wide (training.precision). Or: no | bf16 | fp16.
+    # auto: bf16 on a bf16 GPU or a native-bf16 CPU for a model >= 128 wide (training.precision). Or: no (= fp32) | bf16 | fp16.
     mixed_precision: str = "auto"
     backend: Optional[str] = None  # null: nccl on GPU, gloo on CPU
     # DDP: tolerate parameters without gradients in a step (a rank whose batch has no image).

@@ -134,7 +134,7 @@ def _check_training(cfg: DictConfig) -> None:
     _where(cfg, "peft.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
 
     _choice(cfg, "parallel.strategy", ["single", "ddp", "fsdp"])
-    _choice(cfg, "parallel.mixed_precision", ["auto", "no", "bf16", "fp16"])
+    _choice(cfg, "parallel.mixed_precision", ["auto", "no", "fp32", "bf16", "fp16"])
     _choice(cfg, "parallel.backend", [None, "gloo", "nccl"])
     processes = world_size()
     if cfg.parallel.strategy == "single":

@@ -12,7 +12,7 @@
 - anything else (a CPU without bf16 instructions, a GPU without bf16): fp32.
 
 A resumed run keeps the precision its checkpoint was trained in where the device runs it.
-``no``, ``bf16`` and ``fp16`` are taken as written.
+``no`` (or ``fp32``, the same), ``bf16`` and ``fp16`` are taken as written.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def resolve_precision(requested: str, hidden_size: Optional[int], cuda: Optional
     arithmetic instead of silently switching.
     """
     if requested != "auto":
-        return requested, "as configured"
+        return ("no" if requested == "fp32" else requested), "as configured"
     cuda = torch.cuda.is_available() if cuda is None else cuda
     fresh, why = _auto_precision(hidden_size, cuda)
     if started_in is None or started_in == fresh:
