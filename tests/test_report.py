@@ -63,7 +63,8 @@ def _make_job(sweep_dir: Path, job_num: int, overrides: List[str], status: str, 
     log_path = job_dir / "launch.log"
     log_path.write_text("training...\n" + (ERROR + "\n" if status == "FAILED" else ""))
     # As cli.py writes it: throughput (two processes on GPUs) at the end of a run, none on a failure.
-    throughput = ({**throughput_from_rows(rows, 2), "device_type": "cuda"} if status == "FINISHED" else {})
+    throughput = ({**throughput_from_rows(rows, 2), "device_type": "cuda", "compute_precision": "bf16"}
+                  if status == "FINISHED" else {})
     write_status(job_dir, JobStatus(
         status=status, job_num=job_num, override_dirname=",".join(overrides), overrides=overrides,
         error=ERROR if status == "FAILED" else None, log_path=str(log_path), step=steps,
@@ -227,12 +228,13 @@ def test_single_job_sweep(tmp_path: Path):
 
 
 def test_throughput_columns_come_from_job_status(sweep_dir: Path):
-    """tokens/s, real tokens (packing efficiency), TFLOP/s, MFU and GPU-hours per job, as the jobs' status files
-    give them."""
+    """precision, tokens/s, real tokens (packing efficiency), TFLOP/s, MFU and GPU-hours per job, as the jobs'
+    status files give them."""
     table = _table(write_report(sweep_dir))
     assert table[0][table[0].index("val_loss") + 3:table[0].index("overrides")] == [
-        "tokens/s", "real tokens", "TFLOP/s", "MFU", "GPU-hours"]
+        "precision", "tokens/s", "real tokens", "TFLOP/s", "MFU", "GPU-hours"]
     first = _row(table, 0)
+    assert (first["precision"], _row(table, 2)["precision"]) == ("bf16", "n/a")  # a failed job does not say
     # 30 logged steps of 4500 tokens at 9000 tokens/s on 2 processes: 30 x 0.5 s x 2 = 30 s.
     assert (first["tokens/s"], first["real tokens"], first["TFLOP/s"], first["MFU"], first["GPU-hours"]) == (
         "9,000", "90.0%", "300.0", "30.3%", f"{30 / 3600:.2g}")

@@ -51,6 +51,7 @@ def test_refused_resume_changes_no_record_and_failures_are_failed_everywhere(tmp
     assert status["tokens_per_s"] > 0 and status["tflops"] > 0 and status["device_hours"] > 0
     assert 0.5 < status["packing_efficiency"] <= 1.0  # real tokens / positions run, padded batches too
     assert status["device_type"] == "cpu" and status["mfu"] is None  # no known peak for a CPU
+    assert status["compute_precision"] == "fp32"  # what auto picked for the 64-wide tiny model
 
     # The finished LoRA run's dir re-run with full fine-tuning: refused with one line ...
     proc = run_launch([*args, "peft=none"])

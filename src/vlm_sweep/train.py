@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from vlm_sweep.rundir import RunDir, atomic_write
+from vlm_sweep.training.precision import precision_name
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class RunResult:
     mlflow_uri: Optional[str]
     run_dir: str
     stop_signal: Optional[int] = None
+    compute_precision: Optional[str] = None  # fp32 | bf16 | fp16: what parallel.mixed_precision resolved to
     # The last value of every validation/eval metric (val_loss, eval/ted_accuracy, ...).
     metrics: Dict[str, float] = field(default_factory=dict)
 
@@ -236,8 +238,6 @@ def _open_tracker(cfg: DictConfig, run_dir: Path, parts: RunParts, resumed_at: O
     if main and tracker.run_id:
         atomic_write(tracking_file, json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}))
         if resumed_at is None or previous_run is None:
-            from vlm_sweep.training.precision import precision_name
-
             # What auto resolved to on this machine, next to the config's own "auto".
             tracker.log_params({**flatten(config_data), **parts.counts,
                                 "compute_precision": precision_name(parts.precision)})
@@ -316,7 +316,8 @@ class FinetuneRecipe:
             first_loss=history.get("first_loss"), val_loss=history.get("val_loss"),
             checkpoint=str(saved) if saved else None, mlflow_run_id=self.tracker.run_id,
             mlflow_uri=self.tracker.uri, run_dir=str(self.run_dir), stop_signal=trainer.stop_signal,
-            metrics={k: v for k, v in history.items() if k == "val_loss" or k.startswith("eval/")})
+            metrics={k: v for k, v in history.items() if k == "val_loss" or k.startswith("eval/")},
+            compute_precision=precision_name(self.parts.precision))
 
 
 def run(cfg: DictConfig, run_dir: Path, run_info: Optional[Dict[str, Any]] = None,

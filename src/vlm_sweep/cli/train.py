@@ -145,7 +145,7 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         write_status(ctx.run_dir, status(
             state, error=error, step=result.step, final_loss=result.final_loss, val_loss=result.val_loss,
             metrics={k: v for k, v in result.metrics.items() if k.startswith("eval/")},
-            objective=objective, mlflow_run_id=result.mlflow_run_id,
+            objective=objective, mlflow_run_id=result.mlflow_run_id, compute_precision=result.compute_precision,
             **throughput_summary(ctx.run_dir, world_size())))
         log.info("\n%s", format_summary(result, hint))
     if result.stop_signal == signal.SIGINT:

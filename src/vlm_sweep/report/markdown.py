@@ -64,15 +64,15 @@ def table_rows(sweep: Sweep, metric: str = "val_loss", mode: str = "min") -> Lis
     keys, evals = sweep.varying_keys(), sweep.eval_metrics()
     show_errors = any(job.status != "FINISHED" for job in sweep.jobs)
     # The full override dirname goes last but one: long, and the varying keys already say it.
-    header = (["job", *keys, "status", "steps", "final loss", "val_loss", *evals, "tokens/s", "real tokens",
-               "TFLOP/s", "MFU", sweep.hours_label(), "overrides"] + (["error"] if show_errors else []))
+    header = (["job", *keys, "status", "steps", "final loss", "val_loss", *evals, "precision", "tokens/s",
+               "real tokens", "TFLOP/s", "MFU", sweep.hours_label(), "overrides"] + (["error"] if show_errors else []))
     best = best_job(sweep.jobs, metric, mode)
     rows = [header]
     for job in sweep.jobs:
         cells = [str(job.job_num), *(job.overrides.get(k, MISSING) for k in keys), job.status,
                  MISSING if job.step is None else str(job.step), _num(job.final_loss),
                  _num(job.val_loss), *(_num(job.metrics.get(k)) for k in evals),
-                 _num(job.tokens_per_s, ",.0f"), _percent(job.packing_efficiency), _num(job.tflops, ".1f"),
+                 job.compute_precision or MISSING, _num(job.tokens_per_s, ",.0f"), _percent(job.packing_efficiency), _num(job.tflops, ".1f"),
                  _percent(job.mfu),
                  _hours(job.device_hours),
                  f"`{job.override_dirname}`" if job.override_dirname else MISSING]

@@ -40,6 +40,7 @@ class Job:
     packing_efficiency: Optional[float] = None  # real tokens / positions run (dataset.packing raises it)
     device_hours: Optional[float] = None  # wall time x processes
     device_type: Optional[str] = None  # "cuda": the device-hours are GPU-hours
+    compute_precision: Optional[str] = None  # fp32 | bf16 | fp16, as the job ran (auto resolved)
     error: Optional[str] = None
     log_path: Optional[str] = None
     loss_curve: Curve = field(default_factory=list)

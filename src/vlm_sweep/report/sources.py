@@ -96,8 +96,9 @@ def _throughput(status: Dict[str, Any], measured: Dict[str, Optional[float]]) ->
     """Each throughput value from the status file, else as measured from the job's metrics."""
     out: Dict[str, Any] = {k: _float(status.get(k)) for k in THROUGHPUT}
     out.update({k: measured.get(k) for k in THROUGHPUT if out[k] is None})
-    device = status.get("device_type")
-    out["device_type"] = device if isinstance(device, str) else None
+    for key in ("device_type", "compute_precision"):
+        value = status.get(key)
+        out[key] = value if isinstance(value, str) else None
     return out
 
 
@@ -244,13 +245,15 @@ def _job_from_run(client: Any, run: Any, index: int) -> Job:
     loss, val = _history(client, run_id, "loss"), _history(client, run_id, "val_loss")
     measured = {k: mean([v for _, v in _history(client, run_id, k)])
                 for k in ("tokens_per_s", "mfu", "tflops", "packing_efficiency")}
+    throughput = _throughput(status, measured)
+    throughput["compute_precision"] = throughput["compute_precision"] or run.data.params.get("compute_precision")
     return Job(job_num=job_num, override_dirname=name, overrides=parse_overrides(lines),
                status=str(status.get("status") or run.info.status),
                step=loss[-1][0] if loss else None, final_loss=loss[-1][1] if loss else None,
                val_loss=val[-1][1] if val else None,
                metrics={k: float(v) for k, v in data.items() if k.startswith("eval/")},
                error=status.get("error"), log_path=status.get("log_path"),
-               loss_curve=loss, val_curve=val, mlflow_run_id=run_id, **_throughput(status, measured))
+               loss_curve=loss, val_curve=val, mlflow_run_id=run_id, **throughput)
 
 
 def load_mlflow(experiment: Optional[str], tracking_uri: Optional[str] = None,

@@ -101,6 +101,7 @@ class JobStatus:
     packing_efficiency: Optional[float] = None  # real tokens / positions run (padding is the rest)
     device_hours: Optional[float] = None  # training wall time x processes (GPU-hours on GPUs)
     device_type: Optional[str] = None  # "cuda" or "cpu": whether device_hours are GPU-hours
+    compute_precision: Optional[str] = None  # fp32 | bf16 | fp16 (what parallel.mixed_precision=auto picked)
     objective: Optional[float] = None
     mlflow_run_id: Optional[str] = None
     slurm_job_id: Optional[str] = None
