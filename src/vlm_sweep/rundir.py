@@ -167,7 +167,7 @@ def default_eval_dir(model_dir: Path, step_dir: Optional[Path], dataset: str, sp
     """
     name = eval_dir_name(dataset, split)
     if step_dir is not None and step_dir.parent.name == CHECKPOINTS:
-        return step_dir.parent.parent / EVALUATIONS / f"{step_dir.name}_{name}"
+        return RunDir(step_dir.parent.parent).evaluations / f"{step_dir.name}_{name}"
     return (step_dir or model_dir) / name
 
 

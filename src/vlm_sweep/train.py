@@ -66,8 +66,6 @@ def _make_accelerator(parallel_cfg: Any, precision: str, why: str) -> Any:
 
     from accelerate.state import AcceleratorState, GradientState
 
-    from vlm_sweep.training.precision import precision_name
-
     # Each run makes its Accelerator afresh: jobs of one sweep in one process (Hydra's basic launcher,
     # tests) may differ in precision, which Accelerate's shared state would refuse. The process group
     # (PartialState) is kept.

@@ -72,8 +72,8 @@ def table_rows(sweep: Sweep, metric: str = "val_loss", mode: str = "min") -> Lis
         cells = [str(job.job_num), *(job.overrides.get(k, MISSING) for k in keys), job.status,
                  MISSING if job.step is None else str(job.step), _num(job.final_loss),
                  _num(job.val_loss), *(_num(job.metrics.get(k)) for k in evals),
-                 job.compute_precision or MISSING, _num(job.tokens_per_s, ",.0f"), _percent(job.packing_efficiency), _num(job.tflops, ".1f"),
-                 _percent(job.mfu),
+                 job.compute_precision or MISSING, _num(job.tokens_per_s, ",.0f"),
+                 _percent(job.packing_efficiency), _num(job.tflops, ".1f"), _percent(job.mfu),
                  _hours(job.device_hours),
                  f"`{job.override_dirname}`" if job.override_dirname else MISSING]
         cells += [short_error(job, sweep.sweep_dir)] if show_errors else []

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
-
 # Narrowest language model (hidden size) for which bf16 autocast beats fp32 on a native-bf16 CPU.
 CPU_BF16_MIN_HIDDEN = 128
 
 
 def cpu_bf16_instructions() -> Optional[str]:
     """The CPU's native bf16 instruction set (``AMX`` or ``AVX512-BF16``), None without one."""
+    import torch
+
     probes = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
     for name, probe in probes:
         check = getattr(torch.cpu, probe, None)
@@ -46,6 +46,8 @@ def resolve_precision(requested: str, hidden_size: Optional[int], cuda: Optional
     """
     if requested != "auto":
         return ("no" if requested == "fp32" else requested), "as configured"
+    import torch  # here, not at module import: the recipe module imports this one and stays light
+
     cuda = torch.cuda.is_available() if cuda is None else cuda
     fresh, why = _auto_precision(hidden_size, cuda)
     if started_in is None or started_in == fresh:
@@ -57,6 +59,8 @@ def resolve_precision(requested: str, hidden_size: Optional[int], cuda: Optional
 
 
 def _auto_precision(hidden_size: Optional[int], cuda: bool) -> Tuple[str, str]:
+    import torch
+
     if cuda:
         if torch.cuda.is_bf16_supported():
             return "bf16", "auto: the GPU runs bf16"
